@@ -1,0 +1,97 @@
+"""The small interface every LLM decoder offers to the image side, generation, conversion and export.
+
+A decoder (GLM now; LLaMA and Qwen beside it later) is a Cell with:
+
+* `embed(input_ids [B,S]) -> [B,S,H]` - the token embedding, so that image embeddings can be spliced in;
+* `construct(inputs_embeds [B,S,H], position_ids [B,P,S], valid_length [B], prefix_length [B],
+  caches=None, decode=False) -> hidden [B,S,H]`;
+* `logits(hidden [B,S,H]) -> [B,S,V]` - final norm already applied in construct; this is the lm_head;
+* `positions` - a host-side `PositionScheme` that builds `position_ids` / `prefix_length` from token ids;
+* `cache_shape(batch, seq_length)` - the shape of one layer's key (and value) cache.
+
+Conventions shared by every family (and recorded in exported graphs' manifests):
+
+* **Right padding.** Row b holds `valid_length[b]` real tokens at indices 0..valid_length[b]-1; the rest
+  is padding that is masked out as keys. Rows of different lengths therefore give exactly the results
+  they give alone.
+* **Mask** (built inside the graph from two lengths, so graphs take no [S,S] input): query i may attend
+  key j iff `j < valid_length[b]` and (`j < prefix_length[b]` or `j <= i`). `prefix_length` is the
+  bidirectional prefix: GLM's context (everything before `<sop>`), 0 for purely causal decoders.
+* **KV cache**: per layer a key and a value Parameter of `cache_shape(B, S_max)` =
+  [B, kv_heads, S_max, head_dim]. Prefill (`decode=False`) writes the keys/values of its S positions at
+  indices 0..S-1. A decode step (`decode=True`, S = 1) writes the new token at index `valid_length[b]`
+  (the number of tokens already cached in that row) and attends keys 0..valid_length[b].
+* **Position ids** have P rows (GLM: 2 for its 2-D rotary, LLaMA/Qwen: 1).
+"""
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+
+
+class PositionScheme:
+    """Host-side (numpy) position ids for a family. Subclasses implement the three methods."""
+
+    rows = 1
+
+    def prompt(self, rows, padded_length):
+        """rows: list of prompt id lists -> (position_ids int32 [B,P,padded_length], prefix_length int32 [B])."""
+        raise NotImplementedError
+
+    def step(self, rows, generated):
+        """Positions [B,P,1] of the token at index len(prompt)+generated in each row."""
+        raise NotImplementedError
+
+    def extend(self, rows, prompt_positions, total_length):
+        """Positions [B,P,total_length] for a prompt followed by generated tokens (the no-cache path)."""
+        out = np.zeros((len(rows), self.rows, total_length), np.int32)
+        for b, row in enumerate(rows):
+            n = len(row)
+            out[b, :, :n] = prompt_positions[b, :, :n]
+            for k in range(total_length - n):
+                out[b, :, n + k] = self.step([row], k)[0, :, 0]
+        return out
+
+
+def prefix_mask(seq_len, valid_length, prefix_length):
+    """[B,1,S,S] float mask, 1 = may attend, following the module docstring's rule."""
+    i = ops.arange(seq_len, dtype=ms.int32).reshape(1, seq_len, 1)  # query index
+    j = ops.arange(seq_len, dtype=ms.int32).reshape(1, 1, seq_len)  # key index
+    valid = j < valid_length.reshape(-1, 1, 1)  # [B,1,S]
+    visible = ops.logical_or(j < prefix_length.reshape(-1, 1, 1), j <= i)  # [B,S,S]
+    return ops.logical_and(valid, visible).astype(ms.float32).expand_dims(1)  # [B,1,S,S]
+
+
+def decode_mask(cache_len, valid_length):
+    """[B,1,1,S_max] mask of a decode step: keys 0..valid_length[b] (the new token included)."""
+    j = ops.arange(cache_len, dtype=ms.int32).reshape(1, cache_len)
+    return (j <= valid_length.reshape(-1, 1)).astype(ms.float32).reshape(-1, 1, 1, cache_len)
+
+
+def write_cache(cache, new, valid_length, decode):
+    """Store new keys/values [B,h,S,d] into a cache Parameter [B,h,S_max,d]; returns the updated cache.
+
+    Prefill writes positions 0..S-1; a decode step writes its one position at valid_length[b].
+    """
+    cache_len = cache.shape[2]
+    if decode:
+        j = ops.arange(cache_len, dtype=ms.int32).reshape(1, 1, cache_len, 1)
+        onehot = (j == valid_length.reshape(-1, 1, 1, 1)).astype(cache.dtype)  # [B,1,S_max,1]
+        updated = cache * (1 - onehot) + new.astype(cache.dtype) * onehot
+    else:
+        pad = cache_len - new.shape[2]
+        updated = ops.pad(new.astype(cache.dtype), (0, 0, 0, pad))  # [B,h,S_max,d]
+    ops.assign(cache, updated)
+    return updated
+
+
+class KVCache(nn.Cell):
+    """Key and value Parameters for every layer of one decoder at one (batch, S_max)."""
+
+    def __init__(self, num_layers, shape, dtype=ms.float32):
+        super().__init__()
+        self.shape = tuple(shape)
+        zeros = np.zeros(self.shape, ms.dtype_to_nptype(dtype))
+        self.keys = ParameterTuple([Parameter(Tensor(zeros), name=f"kv_cache.key.{i}", requires_grad=False)
+                                    for i in range(num_layers)])
+        self.values = ParameterTuple([Parameter(Tensor(zeros), name=f"kv_cache.value.{i}", requires_grad=False)
+                                      for i in range(num_layers)])

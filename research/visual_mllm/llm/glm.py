@@ -1,0 +1,215 @@
+"""ChatGLM-6B (GLM v1), the LLM of VisualGLM-6B.
+
+Numerics follow the released code (see ../shared/spec/architecture.md and the fixture quirks):
+DeepNorm post-LN residual `h = LN_in(x); x = h*alpha + attn(h); m = LN_post(x); out = m*alpha + mlp(m)`
+with alpha = sqrt(2 * num_layers) of the configured depth; 2-D rotary (each head's dims split in two
+halves, positions row 0 on the first, row 1 on the second); tanh-GELU MLP; fused `query_key_value` whose
+rows are [Q (all heads); K; V] (SAT order); untied lm_head without bias.
+"""
+import math
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import Normal, initializer
+from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+
+from ..configuration import StrictConfig
+from ..layers import MLP, LayerNorm, attention, dense, merge_heads, split_heads
+from .base import PositionScheme, decode_mask, prefix_mask, write_cache
+
+
+@MindFormerRegister.register(MindFormerModuleType.CONFIG)
+class GLMConfig(StrictConfig):
+    """Sizes and special ids of a GLM v1 decoder (defaults: ChatGLM-6B)."""
+
+    model_type = "glm"
+
+    def __init__(self,
+                 vocab_size=130528,          # rows of the embedding and lm_head (> tokenizer pieces in the release)
+                 hidden_size=4096,
+                 num_layers=28,              # also sets the DeepNorm alpha = sqrt(2 * num_layers)
+                 num_heads=32,
+                 inner_hidden_size=16384,    # MLP width (SAT default 4 * hidden)
+                 layernorm_epsilon=1e-5,
+                 max_sequence_length=2048,   # longest prompt + answer the released model was trained for
+                 rotary_base=10000.0,
+                 bos_token_id=130004,        # <sop>: starts the answer; the prompt's last token
+                 eos_token_id=130005,        # <eop>: ends the answer
+                 pad_token_id=3,
+                 mask_token_id=130000,       # [MASK]
+                 gmask_token_id=130001,      # [gMASK]: its index becomes position row 0 of the answer
+                 **kwargs):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.inner_hidden_size = inner_hidden_size
+        self.layernorm_epsilon = layernorm_epsilon
+        self.max_sequence_length = max_sequence_length
+        self.rotary_base = rotary_base
+        self.mask_token_id = mask_token_id
+        self.gmask_token_id = gmask_token_id
+        super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                         **kwargs)
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_heads
+
+
+class GLMPositions(PositionScheme):
+    """GLM's 2-D positions, as the released code builds them for a prompt ending in `[gMASK] <sop>`.
+
+    Row 0: 0..context_length-1 over the context, then the `[gMASK]` index for `<sop>` and every answer
+    token. Row 1: 0 over the context, then 1, 2, 3, ... from `<sop>` on. context_length = index of `<sop>`
+    (the bidirectional prefix).
+    """
+
+    rows = 2
+
+    def __init__(self, bos_token_id, mask_token_ids):
+        self.bos = bos_token_id
+        self.masks = tuple(mask_token_ids)
+
+    def _anchors(self, row):
+        """(context_length, mask_position) of one prompt."""
+        row = list(row)
+        if self.bos not in row:
+            raise ValueError(f"a GLM prompt must contain <sop> (id {self.bos}); got {len(row)} ids without it")
+        context = row.index(self.bos)
+        masks = [i for i, t in enumerate(row[:context]) if t in self.masks]
+        mask_position = masks[-1] if masks else context
+        return context, mask_position
+
+    def prompt(self, rows, padded_length):
+        pos = np.zeros((len(rows), 2, padded_length), np.int32)
+        prefix = np.zeros((len(rows),), np.int32)
+        for b, row in enumerate(rows):
+            context, mask_position = self._anchors(row)
+            n = len(row)
+            pos[b, 0, :context] = np.arange(context)
+            pos[b, 0, context:n] = mask_position
+            pos[b, 1, context:n] = np.arange(1, n - context + 1)
+            prefix[b] = context
+        return pos, prefix
+
+    def step(self, rows, generated):
+        pos = np.zeros((len(rows), 2, 1), np.int32)
+        for b, row in enumerate(rows):
+            context, mask_position = self._anchors(row)
+            pos[b, 0, 0] = mask_position
+            pos[b, 1, 0] = len(row) - context + 1 + generated
+        return pos
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return ops.concat((-x[..., half:], x[..., :half]), axis=-1)
+
+
+class GLMRotary(nn.Cell):
+    """RoPE tables for each half of a head (dim head_dim/2 each, inverse frequencies kept in fp32)."""
+
+    def __init__(self, head_dim, base):
+        super().__init__()
+        rot_dim = head_dim // 2
+        inv_freq = 1.0 / (base ** (np.arange(0, rot_dim, 2, dtype=np.float32) / rot_dim))
+        self.inv_freq = Tensor(inv_freq.astype(np.float32))  # [rot_dim/2]
+
+    def construct(self, position_ids):
+        """position_ids [B,2,S] -> (cos, sin) each [B,2,1,S,rot_dim]."""
+        freqs = position_ids.astype(ms.float32).expand_dims(-1) * self.inv_freq  # [B,2,S,rot_dim/2]
+        emb = ops.concat((freqs, freqs), axis=-1).expand_dims(2)  # [B,2,1,S,rot_dim]
+        return ops.cos(emb), ops.sin(emb)
+
+
+def apply_2d_rotary(x, cos, sin):
+    """x [B,h,S,d]: first half rotated with row 0, second half with row 1."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    x1 = x1 * cos[:, 0] + rotate_half(x1) * sin[:, 0]
+    x2 = x2 * cos[:, 1] + rotate_half(x2) * sin[:, 1]
+    return ops.concat((x1, x2), axis=-1)
+
+
+class GLMAttention(nn.Cell):
+    def __init__(self, config):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.hidden_size = config.hidden_size
+        self.query_key_value = dense(config.hidden_size, 3 * config.hidden_size)
+        self.dense = dense(config.hidden_size, config.hidden_size)
+
+    def construct(self, x, cos, sin, mask, cache_k, cache_v, valid_length, decode):
+        qkv = self.query_key_value(x)  # [B,S,3H], rows [Q;K;V]
+        q, k, v = ops.split(qkv, self.hidden_size, axis=-1)
+        q = apply_2d_rotary(split_heads(q, self.num_heads), cos, sin)  # [B,h,S,d]
+        k = apply_2d_rotary(split_heads(k, self.num_heads), cos, sin)
+        v = split_heads(v, self.num_heads)
+        if cache_k is not None:
+            k_all = write_cache(cache_k, k, valid_length, decode)
+            v_all = write_cache(cache_v, v, valid_length, decode)
+            if decode:
+                k, v = k_all, v_all  # attend over the whole cache; mask hides unwritten slots
+            else:
+                k, v = ops.depend(k, k_all), ops.depend(v, v_all)  # keep the cache writes in the graph
+        out = attention(q, k, v, mask)  # [B,h,S,d]
+        return self.dense(merge_heads(out))
+
+
+class GLMBlock(nn.Cell):
+    def __init__(self, config):
+        super().__init__()
+        self.alpha = math.sqrt(2.0 * config.num_layers)
+        self.input_layernorm = LayerNorm(config.hidden_size, config.layernorm_epsilon)
+        self.attention = GLMAttention(config)
+        self.post_attention_layernorm = LayerNorm(config.hidden_size, config.layernorm_epsilon)
+        self.mlp = MLP(config.hidden_size, config.inner_hidden_size, approximate="tanh")
+
+    def construct(self, x, cos, sin, mask, cache_k, cache_v, valid_length, decode):
+        h = self.input_layernorm(x)
+        x = h * self.alpha + self.attention(h, cos, sin, mask, cache_k, cache_v, valid_length, decode)
+        m = self.post_attention_layernorm(x)
+        return m * self.alpha + self.mlp(m)
+
+
+class GLMModel(nn.Cell):
+    """GLM v1 decoder with the LLM interface of `llm/base.py`."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.num_layers = config.num_layers
+        self.word_embeddings = Parameter(
+            initializer(Normal(0.02), (config.vocab_size, config.hidden_size), ms.float32),
+            name="word_embeddings.weight")
+        self.rotary = GLMRotary(config.head_dim, config.rotary_base)
+        self.layers = nn.CellList([GLMBlock(config) for _ in range(config.num_layers)])
+        self.final_layernorm = LayerNorm(config.hidden_size, config.layernorm_epsilon)
+        self.lm_head = dense(config.hidden_size, config.vocab_size, has_bias=False)
+        self.positions = GLMPositions(config.bos_token_id, (config.gmask_token_id, config.mask_token_id))
+
+    def cache_shape(self, batch, seq_length):
+        return (batch, self.config.num_heads, seq_length, self.config.head_dim)
+
+    def embed(self, input_ids):
+        return ops.gather(self.word_embeddings, input_ids, 0)  # [B,S,H]
+
+    def construct(self, inputs_embeds, position_ids, valid_length, prefix_length, caches=None, decode=False):
+        """Final-normed hidden states [B,S,H]; `caches` = (keys, values) Parameter tuples or None."""
+        cos, sin = self.rotary(position_ids)
+        if decode:
+            mask = decode_mask(caches[0][0].shape[2], valid_length)  # [B,1,1,S_max]
+        else:
+            mask = prefix_mask(inputs_embeds.shape[1], valid_length, prefix_length)  # [B,1,S,S]
+        x = inputs_embeds
+        for i in range(self.num_layers):
+            if caches is None:
+                x = self.layers[i](x, cos, sin, mask, None, None, valid_length, decode)
+            else:
+                x = self.layers[i](x, cos, sin, mask, caches[0][i], caches[1][i], valid_length, decode)
+        return self.final_layernorm(x)
+
+    def logits(self, hidden):
+        return self.lm_head(hidden).astype(ms.float32)  # [B,S,V]

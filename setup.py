@@ -1,0 +1,31 @@
+"""Install the visual_mllm package (sources live in research/visual_mllm)."""
+from setuptools import find_packages, setup
+
+RUNTIME = [
+    "mindspore==2.9.0",
+    "mindformers==1.9.0",
+    "mindpet==1.0.4",
+    "numpy<2",
+    "sentencepiece",
+    "Pillow",
+    "pyyaml",
+    "tqdm",
+]
+EXTRAS = {
+    # Reading PyTorch checkpoints (conversion) needs torch; the CPU build lies on the project machines.
+    "convert": ["torch==2.13.0", "safetensors"],
+    # The test suite compares against transformers' Blip2/LLaMA classes (mindformers pins 4.57.1).
+    "test": ["pytest", "torch==2.13.0", "safetensors", "transformers==4.57.1"],
+}
+
+setup(
+    name="visual_mllm",
+    version="0.1.0",
+    description="BLIP-2-style vision-language chat models (VisualGLM-6B, MiniGPT-4, MiniGPT4Qwen) on MindSpore",
+    package_dir={"": "research"},
+    packages=find_packages(where="research"),
+    package_data={"visual_mllm": ["assets/*", "assets/**/*"]},
+    python_requires=">=3.9",
+    install_requires=RUNTIME,
+    extras_require=EXTRAS,
+)
