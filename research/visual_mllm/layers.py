@@ -33,6 +33,17 @@ class LayerNorm(nn.Cell):
         return out.astype(x.dtype)
 
 
+class Embedding(nn.Cell):
+    """Token embedding table `weight` [vocab, hidden], as named in PyTorch checkpoints."""
+
+    def __init__(self, vocab_size, hidden_size, std=0.02):
+        super().__init__()
+        self.weight = Parameter(initializer(Normal(std), (vocab_size, hidden_size), ms.float32), name="weight")
+
+    def construct(self, input_ids):
+        return ops.gather(self.weight, input_ids, 0)  # [B,S,H]
+
+
 class MLP(nn.Cell):
     """fc1 -> GELU -> fc2; `approximate` is "none" (erf, ViT/Q-Former) or "tanh" (GLM)."""
 

@@ -1,0 +1,107 @@
+"""EVA ViT-g/14, the image tower shared by VisualGLM-6B, MiniGPT-4 and MiniGPT4Qwen.
+
+A plain pre-LN ViT: patch convolution, a CLS token and learned absolute position embeddings, then
+`x = x + attn(norm1(x)); x = x + mlp(norm2(x))` per block, exact GELU, and no final LayerNorm (the
+`ln_vision` that follows belongs to the ImageEncoder). Parameter names follow the EVA/LAVIS
+`eva_vit_g.pth` layout, except that q_bias / v_bias are stored as one fused qkv bias (as SAT and HF do).
+"""
+import mindspore as ms
+from mindspore import Parameter, nn, ops
+from mindspore.common.initializer import Normal, initializer
+
+from ..configuration import StrictConfig
+from ..layers import MLP, LayerNorm, attention, dense, merge_heads, split_heads
+
+
+class EvaViTConfig(StrictConfig):
+    """Sizes of the EVA ViT; the defaults are the released ViT-g/14 as the three chat models use it.
+
+    image_size: side of the square input in pixels (224); with patch_size it fixes the token count,
+        so it must match the position-embedding table of the checkpoint (257 = (224/14)^2 + 1).
+    patch_size: side of a patch and stride of the patch convolution (14).
+    in_channels: 3 (RGB); the checkpoint's patch convolution is (hidden, 3, 14, 14).
+    hidden_size: token width (1408); ln_vision and the Q-Former cross-attention consume this width.
+    num_layers: 39 blocks. The released eva_vit_g.pth has 40, but BLIP-2 and its descendants drop
+        the last one (they read the features of the penultimate block), so 39 is what they run.
+    num_heads: 16 heads of 88 dims.
+    mlp_hidden_size: 6144 (EVA's mlp_ratio 4.3637, not the usual 4x), so it cannot be derived.
+    layer_norm_eps: 1e-6 inside the blocks (EVA's own value; ln_vision uses torch's default 1e-5).
+    """
+
+    model_type = "visual_mllm_eva_vit"
+
+    def __init__(self, image_size=224, patch_size=14, in_channels=3, hidden_size=1408, num_layers=39,
+                 num_heads=16, mlp_hidden_size=6144, layer_norm_eps=1e-6, **kwargs):
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.mlp_hidden_size = mlp_hidden_size
+        self.layer_norm_eps = layer_norm_eps
+        super().__init__(**kwargs)
+
+    @property
+    def num_patches(self):
+        return (self.image_size // self.patch_size) ** 2
+
+
+class EvaAttention(nn.Cell):
+    """Self-attention with a fused [Q; K; V] projection `qkv` (3D x D) and an output projection `proj`.
+
+    EVA has no key bias; the fused bias simply holds zeros in its K third (checkpoints store it so).
+    """
+
+    def __init__(self, hidden_size, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = dense(hidden_size, 3 * hidden_size)
+        self.proj = dense(hidden_size, hidden_size)
+
+    def construct(self, x):
+        q, k, v = ops.chunk(self.qkv(x), 3, axis=-1)  # 3 x [B, S, D]
+        out = attention(split_heads(q, self.num_heads), split_heads(k, self.num_heads),
+                        split_heads(v, self.num_heads))  # [B, h, S, d]
+        return self.proj(merge_heads(out))  # [B, S, D]
+
+
+class EvaBlock(nn.Cell):
+    """Pre-LN transformer block without layer scale."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.norm1 = LayerNorm(config.hidden_size, config.layer_norm_eps)
+        self.attn = EvaAttention(config.hidden_size, config.num_heads)
+        self.norm2 = LayerNorm(config.hidden_size, config.layer_norm_eps)
+        self.mlp = MLP(config.hidden_size, config.mlp_hidden_size, approximate="none")
+
+    def construct(self, x):
+        x = x + self.attn(self.norm1(x))  # [B, S, D]
+        return x + self.mlp(self.norm2(x))  # [B, S, D]
+
+
+class EvaViT(nn.Cell):
+    """pixel_values [B, C, H, W] -> tokens [B, N+1, D] (CLS first, then the patches row-major)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        d = config.hidden_size
+        self.cls_token = Parameter(initializer(Normal(0.02), (1, 1, d), ms.float32), name="cls_token")
+        self.pos_embed = Parameter(initializer(Normal(0.02), (1, config.num_patches + 1, d), ms.float32),
+                                   name="pos_embed")
+        self.patch_embed = nn.Conv2d(config.in_channels, d, kernel_size=config.patch_size,
+                                     stride=config.patch_size, pad_mode="valid", has_bias=True,
+                                     weight_init=Normal(0.02), bias_init="zeros")
+        self.blocks = nn.CellList([EvaBlock(config) for _ in range(config.num_layers)])
+
+    def construct(self, pixel_values):
+        x = self.patch_embed(pixel_values.astype(self.patch_embed.weight.dtype))  # [B, D, H/p, W/p]
+        b, d = x.shape[0], x.shape[1]
+        x = x.reshape(b, d, -1).transpose(0, 2, 1)  # [B, N, D]
+        cls = ops.broadcast_to(self.cls_token.astype(x.dtype), (b, 1, d))  # [B, 1, D]
+        x = ops.cat((cls, x), axis=1) + self.pos_embed.astype(x.dtype)  # [B, N+1, D]
+        for block in self.blocks:
+            x = block(x)  # [B, N+1, D]
+        return x

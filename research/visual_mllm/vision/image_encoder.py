@@ -1,0 +1,62 @@
+"""The BLIP-2 image side shared by every family: EVA ViT -> ln_vision -> Q-Former -> projection.
+
+The projection is VisualGLM's `glm_proj`, MiniGPT-4's `llama_proj` and MiniGPT4Qwen's `llm_proj`
+under one name; only its output width (the LLM hidden size) differs between families.
+"""
+from mindspore import nn
+
+from ..configuration import StrictConfig
+from ..layers import LayerNorm, dense
+from .eva_vit import EvaViT, EvaViTConfig
+from .qformer import QFormer, QFormerConfig
+
+
+class ImageEncoderConfig(StrictConfig):
+    """The image side as one config.
+
+    vit_config / qformer_config: the two towers (instances or dicts, e.g. from YAML/JSON).
+    ln_vision_eps: 1e-5. BLIP-2 builds ln_vision with torch's default eps, unlike the ViT's own
+        1e-6 LayerNorms; HF's Blip2 post_layernorm reuses 1e-6, which is why this is separate.
+    projection_size: output width = the LLM hidden size (4096 for ChatGLM-6B / Vicuna-7B / Qwen-7B,
+        5120 for 13B/14B). None means "not set": a model must fill it from its LLM config, so that a
+        projection of the wrong width cannot be built silently.
+    """
+
+    model_type = "visual_mllm_image_encoder"
+
+    def __init__(self, vit_config=None, qformer_config=None, ln_vision_eps=1e-5, projection_size=None,
+                 **kwargs):
+        self.vit_config = self.sub_config(vit_config, EvaViTConfig)
+        self.qformer_config = self.sub_config(qformer_config, QFormerConfig)
+        self.ln_vision_eps = ln_vision_eps
+        self.projection_size = projection_size
+        super().__init__(**kwargs)
+
+
+class ImageEncoder(nn.Cell):
+    """pixel_values [B, C, H, W] -> image embeddings [B, Q, projection_size] for the LLM."""
+
+    def __init__(self, config):
+        super().__init__()
+        if config.projection_size is None:
+            raise ValueError("ImageEncoderConfig.projection_size is not set: it must be the LLM hidden size")
+        if config.qformer_config.encoder_hidden_size != config.vit_config.hidden_size:
+            raise ValueError(
+                f"Q-Former encoder_hidden_size {config.qformer_config.encoder_hidden_size} must equal "
+                f"the ViT hidden_size {config.vit_config.hidden_size}")
+        self.config = config
+        self.vit = EvaViT(config.vit_config)
+        self.ln_vision = LayerNorm(config.vit_config.hidden_size, config.ln_vision_eps)
+        self.qformer = QFormer(config.qformer_config)
+        self.projection = dense(config.qformer_config.hidden_size, config.projection_size)
+
+    def encode_with_intermediates(self, pixel_values):
+        """(vit_out after ln_vision [B, N+1, Dv], qformer_out [B, Q, Dq], image_embeds [B, Q, P])."""
+        vit_out = self.ln_vision(self.vit(pixel_values))  # [B, N+1, Dv]
+        qformer_out = self.qformer(vit_out)  # [B, Q, Dq]
+        image_embeds = self.projection(qformer_out)  # [B, Q, P]
+        return vit_out, qformer_out, image_embeds
+
+    def construct(self, pixel_values):
+        _, _, image_embeds = self.encode_with_intermediates(pixel_values)
+        return image_embeds  # [B, Q, P]
