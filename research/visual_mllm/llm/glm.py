@@ -10,12 +10,11 @@ import math
 
 import numpy as np
 import mindspore as ms
-from mindspore import Parameter, Tensor, nn, ops
-from mindspore.common.initializer import Normal, initializer
+from mindspore import Tensor, nn, ops
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from ..configuration import StrictConfig
-from ..layers import MLP, LayerNorm, attention, dense, merge_heads, split_heads
+from ..layers import MLP, Embedding, LayerNorm, attention, dense, merge_heads, split_heads
 from .base import PositionScheme, decode_mask, prefix_mask, write_cache
 
 
@@ -181,9 +180,7 @@ class GLMModel(nn.Cell):
         super().__init__()
         self.config = config
         self.num_layers = config.num_layers
-        self.word_embeddings = Parameter(
-            initializer(Normal(0.02), (config.vocab_size, config.hidden_size), ms.float32),
-            name="word_embeddings.weight")
+        self.word_embeddings = Embedding(config.vocab_size, config.hidden_size)
         self.rotary = GLMRotary(config.head_dim, config.rotary_base)
         self.layers = nn.CellList([GLMBlock(config) for _ in range(config.num_layers)])
         self.final_layernorm = LayerNorm(config.hidden_size, config.layernorm_epsilon)
@@ -194,7 +191,7 @@ class GLMModel(nn.Cell):
         return (batch, self.config.num_heads, seq_length, self.config.head_dim)
 
     def embed(self, input_ids):
-        return ops.gather(self.word_embeddings, input_ids, 0)  # [B,S,H]
+        return self.word_embeddings(input_ids)  # [B,S,H]
 
     def construct(self, inputs_embeds, position_ids, valid_length, prefix_length, caches=None, decode=False):
         """Final-normed hidden states [B,S,H]; `caches` = (keys, values) Parameter tuples or None."""
