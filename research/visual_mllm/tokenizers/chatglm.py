@@ -17,6 +17,7 @@ version its remote code targets:
 Every special id is read from the sentencepiece model by its piece, never hard-coded: the real
 model has ``[gMASK]`` = 130001, the tiny test model 801.
 """
+import json
 import os
 import re
 from typing import Dict, List, Optional
@@ -31,6 +32,10 @@ __all__ = ["ChatGLMTokenizer", "glm_attention_mask", "glm_position_ids"]
 
 VOCAB_FILE_NAME = "ice_text.model"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+DEFAULT_NUM_IMAGE_TOKENS = 20000  # the reference class default (the published config says 0)
+# vocab_file None = the project's tiny ChatGLM-layout tokenizer shipped in visual_mllm/assets (tests, demo)
+PACKAGED_TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+PACKAGED_VOCAB_FILE = os.path.join(PACKAGED_TOKENIZER_DIR, VOCAB_FILE_NAME)
 
 NEWLINE_PIECE = "<n>"
 TAB_PIECE = "<|tab|>"
@@ -101,6 +106,11 @@ def glm_position_ids(input_ids: List[int], bos_id: int, mask_id: int, gmask_id: 
     return np.stack([positions, block_positions], axis=0)
 
 
+def _packaged_num_image_tokens() -> int:
+    with open(os.path.join(PACKAGED_TOKENIZER_DIR, TOKENIZER_CONFIG_FILE), encoding="utf-8") as file:
+        return int(json.load(file)["num_image_tokens"])
+
+
 def _load_sentencepiece(vocab_file) -> spm.SentencePieceProcessor:
     """Load ``ice_text.model``; a missing file is an error that names the path."""
     if vocab_file is None or not os.path.isfile(vocab_file):
@@ -113,7 +123,8 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
     """ChatGLM-6B tokenizer, compatible with the ``THUDM/chatglm-6b`` / ``THUDM/visualglm-6b`` files.
 
     Args:
-        vocab_file (str): path of ``ice_text.model``.
+        vocab_file (str): path of ``ice_text.model``; None = the tiny tokenizer shipped in
+            ``visual_mllm/assets`` (with the ``num_image_tokens`` of its ``tokenizer_config.json``, 0).
         do_lower_case (bool): lower-case the text before encoding. Default: False.
         remove_space (bool): collapse and strip whitespace before encoding. Default: False.
         bos_token, eos_token, end_token, mask_token, gmask_token, pad_token, unk_token (str): pieces of
@@ -121,7 +132,7 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
             the model. Only bos, eos, unk, pad and mask are "special tokens" in the transformers sense
             (split out of raw text, skipped by ``skip_special_tokens``); gmask and end are not.
         num_image_tokens (int): offset added to every sentencepiece id. The published config says 0;
-            the class default 20000 is the reference's and shifts every id.
+            the class default (None = 20000) is the reference's and shifts every id.
         padding_side (str): only ``"left"`` is supported (GLM masks and positions assume it).
         **kwargs: passed to MindFormers' ``PreTrainedTokenizer``.
 
@@ -135,10 +146,16 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
     model_input_names = ["input_ids", "attention_mask", "position_ids"]
     padding_side = "left"
 
-    def __init__(self, vocab_file, do_lower_case=False, remove_space=False, bos_token="<sop>",
+    def __init__(self, vocab_file=None, do_lower_case=False, remove_space=False, bos_token="<sop>",
                  eos_token="<eop>", end_token="</s>", mask_token="[MASK]", gmask_token="[gMASK]",
-                 pad_token="<pad>", unk_token="<unk>", num_image_tokens=20000, padding_side="left",
+                 pad_token="<pad>", unk_token="<unk>", num_image_tokens=None, padding_side="left",
                  **kwargs):
+        if vocab_file is None:
+            vocab_file = PACKAGED_VOCAB_FILE
+            if num_image_tokens is None:
+                num_image_tokens = _packaged_num_image_tokens()
+        if num_image_tokens is None:
+            num_image_tokens = DEFAULT_NUM_IMAGE_TOKENS
         if padding_side != "left":
             raise ValueError(f"ChatGLMTokenizer only pads on the left, got padding_side={padding_side!r}")
         # The model must be loaded before the base class initialises: it queries the vocabulary.

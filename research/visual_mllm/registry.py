@@ -1,0 +1,144 @@
+"""Everything mindformers needs to build visual_mllm classes from a run YAML; imported by `import visual_mllm`.
+
+After the import these routes all give our classes:
+
+* ``MindFormerConfig(yaml)`` + ``build_model(config.model)`` / ``build_processor(config.processor)``;
+* ``AutoConfig.from_pretrained(yaml)``, ``AutoModel.from_config(yaml)``, ``AutoModel.from_config(config)``,
+  ``AutoProcessor.from_pretrained(yaml)``;
+* ``load_from_yaml(yaml, **overrides) -> (model, processor)``: the one call the scripts use.
+
+Registration (idempotent):
+
+* MindFormerRegister CONFIG: VisualGLMConfig, GLMConfig (by their modules), and here the sub-configs
+  ImageEncoderConfig, EvaViTConfig, QFormerConfig; MODELS: VisualGLMForConditionalGeneration;
+  PROCESSOR: VisualGLMProcessor, BlipImageProcessor; TOKENIZER: ChatGLMTokenizer.
+* AutoConfig by ``model_type`` for every config; AutoModel and AutoProcessor for VisualGLMConfig.
+
+Tokenizer: ``vocab_file: null`` is ChatGLMTokenizer's own default, the tiny tokenizer shipped in
+``visual_mllm/assets`` (PACKAGED_VOCAB_FILE). The key itself must be present: mindformers' build_tokenizer
+refuses a tokenizer section without ``vocab_file``. For a real ice_text.model also set
+``num_image_tokens: 0`` (the published tokenizer_config.json value; the class default is 20000).
+
+Unknown keys: every config is a ``StrictConfig``; an unknown key anywhere in ``model_config`` (nested
+configs included) raises ``UnknownConfigKeyError`` naming it, through every route above.
+"""
+import copy
+import os
+
+from mindformers.models.auto import AutoConfig, AutoModel, AutoProcessor
+from mindformers.models.build_config import build_model_config
+from mindformers.models.build_model import build_model
+from mindformers.models.build_processor import build_processor
+from mindformers.tools.register import MindFormerConfig, MindFormerModuleType, MindFormerRegister
+
+from .llm.glm import GLMConfig
+from .models.processor import VisualGLMProcessor
+from .models.visualglm import VisualGLMConfig, VisualGLMForConditionalGeneration
+from .processing.image import BlipImageProcessor
+from .tokenizers.chatglm import PACKAGED_VOCAB_FILE, ChatGLMTokenizer
+from .vision.eva_vit import EvaViTConfig
+from .vision.image_encoder import ImageEncoderConfig
+from .vision.qformer import QFormerConfig
+
+CONFIG_CLASSES = (VisualGLMConfig, GLMConfig, ImageEncoderConfig, EvaViTConfig, QFormerConfig)
+# (config class, model class, processor class) of every family
+FAMILIES = ((VisualGLMConfig, VisualGLMForConditionalGeneration, VisualGLMProcessor),)
+
+
+# --- registration ------------------------------------------------------------------------------------
+def _register(module_type, cls):
+    MindFormerRegister.register_cls(cls, module_type=module_type)
+
+
+def register_all():
+    """Register every class with MindFormerRegister and the Auto classes (safe to call again)."""
+    for cls in CONFIG_CLASSES:
+        _register(MindFormerModuleType.CONFIG, cls)
+        AutoConfig.register(cls.model_type, cls, exist_ok=True)
+    for config_cls, model_cls, processor_cls in FAMILIES:
+        _register(MindFormerModuleType.MODELS, model_cls)
+        _register(MindFormerModuleType.PROCESSOR, processor_cls)
+        AutoModel.register(config_cls, model_cls, exist_ok=True)
+        AutoProcessor.register(config_cls, processor_cls, exist_ok=True)
+    _register(MindFormerModuleType.PROCESSOR, BlipImageProcessor)
+    _register(MindFormerModuleType.TOKENIZER, ChatGLMTokenizer)
+
+
+register_all()
+
+
+# --- loading -----------------------------------------------------------------------------------------
+def _merge(base, overrides):
+    """Deep-merge `overrides` into the dict `base` (dict values merge into dict values)."""
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
+
+
+def _as_plain(value):
+    """MindFormerConfig (nested) -> plain dicts."""
+    if isinstance(value, dict):
+        return {key: _as_plain(val) for key, val in value.items()}
+    if isinstance(value, list):
+        return [_as_plain(val) for val in value]
+    return value
+
+
+def read_run_config(yaml_path, model_overrides=None, processor_overrides=None):
+    """The run YAML as a MindFormerConfig with overrides merged into model.model_config / processor."""
+    yaml_path = os.fspath(yaml_path)
+    if not os.path.isfile(yaml_path):
+        raise FileNotFoundError(f"run config not found: {yaml_path}")
+    config = MindFormerConfig(os.path.realpath(yaml_path))
+    if config.model is None or config.model.model_config is None or config.model.arch is None:
+        raise ValueError(f"{yaml_path}: needs model.model_config and model.arch sections")
+    if config.get("use_legacy", True) is False:
+        raise ValueError(f"{yaml_path}: use_legacy: False is not supported by visual_mllm models")
+    if model_overrides:
+        merged = _merge(_as_plain(config.model.model_config), model_overrides)
+        config.model.model_config = MindFormerConfig(**merged)
+    if processor_overrides:
+        if config.processor is None:
+            raise ValueError(f"{yaml_path}: has no processor section to override")
+        merged = _merge(_as_plain(config.processor), processor_overrides)
+        config.processor = MindFormerConfig(**merged)
+    return config
+
+
+def load_from_yaml(yaml_path, processor_overrides=None, **model_overrides):
+    """Build (model, processor) from a run YAML through the mindformers registry.
+
+    model_overrides: keys of model.model_config to replace, e.g. ``seq_length=256, use_past=False,
+        llm_checkpoint="..."``; a dict value merges into a nested config
+        (``llm_config={"num_layers": 2}``). Unknown keys raise UnknownConfigKeyError.
+    processor_overrides: dict merged into the processor section, e.g.
+        ``{"tokenizer": {"vocab_file": "/path/ice_text.model"}}``.
+
+    The processor is bound to the model config (image token count, placeholder id, special ids,
+    image size), so the pair is consistent or this raises.
+    """
+    config = read_run_config(yaml_path, model_overrides, processor_overrides)
+    if config.processor is None:
+        raise ValueError(f"{yaml_path}: has no processor section")
+    model_config = build_model_config(config.model.model_config)
+    processor = build_processor(config.processor)  # before the model: its errors come without waiting for weights
+    processor.configure_for_model(model_config)
+    config.model.model_config = model_config  # build_model takes a config instance as it is
+    model = build_model(config.model)
+    return model, processor
+
+
+def load_processor_from_yaml(yaml_path, processor_overrides=None, **model_overrides):
+    """Only the processor, bound to the YAML's model config (no weights are built or read)."""
+    config = read_run_config(yaml_path, model_overrides, processor_overrides)
+    if config.processor is None:
+        raise ValueError(f"{yaml_path}: has no processor section")
+    processor = build_processor(config.processor)
+    processor.configure_for_model(build_model_config(config.model.model_config))
+    return processor
+
+
+__all__ = ["load_from_yaml", "load_processor_from_yaml", "read_run_config", "register_all", "PACKAGED_VOCAB_FILE"]
