@@ -13,10 +13,15 @@ from mindspore.common.initializer import Normal, initializer
 MASK_FILL = -10000.0  # the reference code's additive mask value (not -inf: fully masked rows stay finite)
 
 
-def dense(in_features, out_features, has_bias=True, std=0.02):
-    """A Linear layer whose weight is (out_features, in_features), as in PyTorch checkpoints."""
+def dense(in_features, out_features, has_bias=True):
+    """A Linear layer whose weight is (out_features, in_features), as in PyTorch checkpoints.
+
+    Random weights are N(0, 1/in_features): activations keep unit scale, so a randomly initialised
+    model (the built-in demo, tests) still depends on its input. Real weights always come from a
+    checkpoint.
+    """
     return nn.Dense(in_features, out_features, has_bias=has_bias,
-                    weight_init=Normal(std), bias_init="zeros")
+                    weight_init=Normal(1.0 / math.sqrt(in_features)), bias_init="zeros")
 
 
 class LayerNorm(nn.Cell):
@@ -36,7 +41,7 @@ class LayerNorm(nn.Cell):
 class Embedding(nn.Cell):
     """Token embedding table `weight` [vocab, hidden], as named in PyTorch checkpoints."""
 
-    def __init__(self, vocab_size, hidden_size, std=0.02):
+    def __init__(self, vocab_size, hidden_size, std=1.0):
         super().__init__()
         self.weight = Parameter(initializer(Normal(std), (vocab_size, hidden_size), ms.float32), name="weight")
 

@@ -1,0 +1,47 @@
+"""What the command-line scripts share: device flags, boolean flags and clean failure."""
+import functools
+import os
+import sys
+
+REPO_ROOT = os.environ.get("VISUAL_MLLM_HOME") or os.path.dirname(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+def str2bool(value):
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "y", "on"):
+        return True
+    if text in ("0", "false", "no", "n", "off"):
+        return False
+    raise ValueError(f"expected True or False, got {value!r}")
+
+
+def add_device_args(parser):
+    parser.add_argument("--device_target", default="CPU", choices=["CPU", "Ascend", "GPU"])
+    parser.add_argument("--device_id", type=int, default=0)
+    parser.add_argument("--graph_mode", type=str2bool, default=True,
+                        help="graph mode (compiled); False = PyNative, for debugging")
+
+
+def set_device(args):
+    import mindspore as ms
+
+    ms.set_context(mode=ms.GRAPH_MODE if args.graph_mode else ms.PYNATIVE_MODE)
+    ms.set_device(args.device_target, args.device_id)
+
+
+def fail_cleanly(main):
+    """Turn the errors a user can cause into one 'error: ...' line and exit status 2."""
+
+    @functools.wraps(main)
+    def wrapper(argv=None):
+        try:
+            return main(argv)
+        except (ValueError, FileNotFoundError, OSError, KeyError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+
+    return wrapper

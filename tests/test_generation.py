@@ -1,0 +1,98 @@
+"""The generation loop on the tiny random model (no fixtures needed): stopping, streaming, limits."""
+import io
+import os
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import REPO_ROOT
+
+TINY_YAML = os.path.join(REPO_ROOT, "configs", "visualglm_tiny", "run_visualglm_tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def model():
+    import mindspore as ms
+    from visual_mllm.models.visualglm import VisualGLMConfig, VisualGLMForConditionalGeneration
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    with open(TINY_YAML, encoding="utf-8") as f:
+        config = yaml.safe_load(f)["model"]["model_config"]
+    config.pop("type")
+    return VisualGLMForConditionalGeneration(VisualGLMConfig(**config))
+
+
+def glm_prompt(model, body):
+    llm = model.config.llm_config
+    return list(body) + [llm.gmask_token_id, llm.bos_token_id]
+
+
+def rows(model):
+    from visual_mllm.generation.generator import PromptRow
+
+    return [PromptRow(glm_prompt(model, [10, 11, 12, 13, 14])), PromptRow(glm_prompt(model, [20, 21]))]
+
+
+def config(**kw):
+    from visual_mllm.generation.sampling import GenerationConfig
+
+    return GenerationConfig(**{"max_new_tokens": 6, **kw})
+
+
+def test_each_row_stops_at_its_own_end_token(model):
+    alone = [model.generate_ids([r], config())[0] for r in rows(model)]
+    end = next(t for t in alone[0] if t not in alone[1])  # a token only row 0 produces
+    out = model.generate_ids(rows(model), config(eos_token_id=end))
+    assert out[0] == alone[0][:alone[0].index(end)]  # stopped there, end token not returned
+    assert out[1] == alone[1]  # the other row ran on
+
+
+def test_streamer_sees_every_token_in_order(model):
+    class Recorder:
+        def __init__(self):
+            self.steps, self.ended = [], False
+
+        def put(self, tokens):
+            self.steps.append(list(tokens))
+
+        def end(self):
+            self.ended = True
+
+    recorder = Recorder()
+    out = model.generate_ids(rows(model), config(), streamer=recorder)
+    assert recorder.ended
+    assert [list(col) for col in zip(*recorder.steps)] == out
+
+
+def test_text_streamer_prints_the_final_text():
+    from visual_mllm.generation.streamer import TextStreamer
+
+    pieces = ["你", "好", ",", "世", "界", "!"]
+
+    def render(ids):  # post-processing that changes punctuation once its neighbour is known
+        text = "".join(pieces[i] for i in ids)
+        return text.replace(",世", "，世").replace("\ufffd", "")
+
+    stream = io.StringIO()
+    streamer = TextStreamer(render, stream=stream)
+    for i in range(len(pieces)):
+        streamer.put(np.array([i]))
+    streamer.end()
+    assert stream.getvalue() == render(list(range(len(pieces)))) + "\n"
+
+
+def test_prompt_that_does_not_fit_says_by_how_much(model):
+    from visual_mllm.generation.generator import ContextOverflowError, PromptRow
+
+    seq = model.config.seq_length
+    long_row = PromptRow(glm_prompt(model, [10] * (seq - 4)))
+    with pytest.raises(ContextOverflowError, match="by 6 tokens"):
+        model.generate_ids([long_row], config(max_new_tokens=8))
+
+
+def test_sampling_with_a_seed_is_reproducible(model):
+    from visual_mllm.generation.sampling import GenerationConfig
+
+    sample = GenerationConfig.reference_demo(max_new_tokens=5, seed=3, eos_token_id=None)
+    assert model.generate_ids(rows(model), sample) == model.generate_ids(rows(model), sample)
