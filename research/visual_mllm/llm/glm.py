@@ -58,28 +58,27 @@ class GLMConfig(StrictConfig):
 
 
 class GLMPositions(PositionScheme):
-    """GLM's 2-D positions, as the released code builds them for a prompt ending in `[gMASK] <sop>`.
+    """GLM's 2-D positions, found in the ids as the released code finds them.
 
-    Row 0: 0..context_length-1 over the context, then the `[gMASK]` index for `<sop>` and every answer
-    token. Row 1: 0 over the context, then 1, 2, 3, ... from `<sop>` on. context_length = index of `<sop>`
-    (the bidirectional prefix).
+    context_length = index of the first `<sop>` (the bidirectional prefix; the whole row if absent);
+    the mask position = index of the first `[MASK]`, else of the first `[gMASK]`.
+    Row 0: 0, 1, 2, ... over the context, then the mask position for `<sop>` and every answer token
+    (counting on if the row has no mask token). Row 1: 0 over the context, then 1, 2, 3, ... from `<sop>`.
     """
 
     rows = 2
 
-    def __init__(self, bos_token_id, mask_token_ids):
+    def __init__(self, bos_token_id, mask_token_id, gmask_token_id):
         self.bos = bos_token_id
-        self.masks = tuple(mask_token_ids)
+        self.mask = mask_token_id
+        self.gmask = gmask_token_id
 
     def _anchors(self, row):
-        """(context_length, mask_position) of one prompt."""
+        """(context_length, mask_position or None) of one prompt."""
         row = list(row)
-        if self.bos not in row:
-            raise ValueError(f"a GLM prompt must contain <sop> (id {self.bos}); got {len(row)} ids without it")
-        context = row.index(self.bos)
-        masks = [i for i, t in enumerate(row[:context]) if t in self.masks]
-        mask_position = masks[-1] if masks else context
-        return context, mask_position
+        context = row.index(self.bos) if self.bos in row else len(row)
+        mask = self.mask if self.mask in row else self.gmask
+        return context, (row.index(mask) if mask in row else None)
 
     def prompt(self, rows, padded_length):
         pos = np.zeros((len(rows), 2, padded_length), np.int32)
@@ -87,8 +86,9 @@ class GLMPositions(PositionScheme):
         for b, row in enumerate(rows):
             context, mask_position = self._anchors(row)
             n = len(row)
-            pos[b, 0, :context] = np.arange(context)
-            pos[b, 0, context:n] = mask_position
+            pos[b, 0, :n] = np.arange(n)
+            if mask_position is not None:
+                pos[b, 0, context:n] = mask_position
             pos[b, 1, context:n] = np.arange(1, n - context + 1)
             prefix[b] = context
         return pos, prefix
@@ -97,7 +97,7 @@ class GLMPositions(PositionScheme):
         pos = np.zeros((len(rows), 2, 1), np.int32)
         for b, row in enumerate(rows):
             context, mask_position = self._anchors(row)
-            pos[b, 0, 0] = mask_position
+            pos[b, 0, 0] = len(row) + generated if mask_position is None else mask_position
             pos[b, 1, 0] = len(row) - context + 1 + generated
         return pos
 
@@ -185,7 +185,7 @@ class GLMModel(nn.Cell):
         self.layers = nn.CellList([GLMBlock(config) for _ in range(config.num_layers)])
         self.final_layernorm = LayerNorm(config.hidden_size, config.layernorm_epsilon)
         self.lm_head = dense(config.hidden_size, config.vocab_size, has_bias=False)
-        self.positions = GLMPositions(config.bos_token_id, (config.gmask_token_id, config.mask_token_id))
+        self.positions = GLMPositions(config.bos_token_id, config.mask_token_id, config.gmask_token_id)
 
     def cache_shape(self, batch, seq_length):
         return (batch, self.config.num_heads, seq_length, self.config.head_dim)

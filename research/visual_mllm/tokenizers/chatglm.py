@@ -27,6 +27,7 @@ import sentencepiece as spm
 from mindformers.models.tokenization_utils import PreTrainedTokenizer
 from mindformers.models.tokenization_utils_base import PaddingStrategy
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+from ..llm.glm import GLMPositions
 
 __all__ = ["ChatGLMTokenizer", "glm_attention_mask", "glm_position_ids"]
 
@@ -90,20 +91,9 @@ def glm_attention_mask(input_ids: List[int], bos_id: int) -> np.ndarray:
 
 
 def glm_position_ids(input_ids: List[int], bos_id: int, mask_id: int, gmask_id: int) -> np.ndarray:
-    """GLM 2-D position ids of shape (2, L), int64.
-
-    Row 0 counts over the context, then repeats the index of the mask token (``[MASK]`` if present,
-    else ``[gMASK]``) from ``<sop>`` on; row 1 is 0 over the context and 1, 2, ... from ``<sop>`` on.
-    """
-    length = len(input_ids)
-    context = _context_length(input_ids, bos_id)
-    positions = np.arange(length, dtype=np.int64)
-    mask_token = mask_id if mask_id in input_ids else gmask_id
-    if mask_token in input_ids:
-        positions[context:] = input_ids.index(mask_token)
-    block_positions = np.concatenate(
-        [np.zeros(context, dtype=np.int64), np.arange(1, length - context + 1, dtype=np.int64)])
-    return np.stack([positions, block_positions], axis=0)
+    """GLM 2-D position ids of shape (2, L), int64, as the model's own position scheme builds them."""
+    positions, _ = GLMPositions(bos_id, mask_id, gmask_id).prompt([input_ids], len(input_ids))
+    return positions[0].astype(np.int64)
 
 
 def _packaged_num_image_tokens() -> int:
