@@ -346,3 +346,12 @@ def test_6b_yaml_has_the_released_sizes():
 def test_6b_yaml_names_missing_tokenizer_before_building_the_model():
     with pytest.raises(FileNotFoundError, match="ice_text.model"):
         visual_mllm.load_from_yaml(YAML_6B)
+
+
+def test_config_round_trips_through_to_dict():
+    from visual_mllm.models.visualglm import VisualGLMConfig
+
+    config = VisualGLMConfig(seq_length=96, llm_config={"num_layers": 2, "hidden_size": 32, "num_heads": 2})
+    again = VisualGLMConfig(**config.to_dict())
+    assert again.to_dict() == config.to_dict()
+    assert again.llm_config.num_layers == 2 and again.seq_length == 96

@@ -25,6 +25,10 @@ class StrictConfig(PretrainedConfig):
 
     def __init__(self, **kwargs):
         kwargs.pop("type", None)
+        if isinstance(kwargs.get("parallel_config"), dict):
+            # to_dict() writes mindformers' parallel settings out as a dict; our models run data
+            # parallel only and never read them, so a dict read back is dropped for the default.
+            kwargs.pop("parallel_config")
         unknown = sorted(set(kwargs) - GENERIC_KEYS)
         if unknown:
             raise UnknownConfigKeyError(
