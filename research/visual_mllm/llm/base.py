@@ -20,7 +20,8 @@ Conventions shared by every family (and recorded in exported graphs' manifests):
 * **KV cache**: per layer a key and a value Parameter of `cache_shape(B, S_max)` =
   [B, kv_heads, S_max, head_dim]. Prefill (`decode=False`) writes the keys/values of its S positions at
   indices 0..S-1. A decode step (`decode=True`, S = 1) writes the new token at index `valid_length[b]`
-  (the number of tokens already cached in that row) and attends keys 0..valid_length[b].
+  (the number of tokens already cached in that row) and attends keys 0..valid_length[b] (the graph
+  computes scores over all S_max slots and masks the rest: cost grows with S_max, so size it to need).
 * **Position ids** have P rows (GLM: 2 for its 2-D rotary, LLaMA/Qwen: 1).
 """
 import numpy as np
@@ -70,16 +71,18 @@ def decode_mask(cache_len, valid_length):
 def write_cache(cache, new, valid_length, decode):
     """Store new keys/values [B,h,S,d] into a cache Parameter [B,h,S_max,d]; returns the updated cache.
 
-    Prefill writes positions 0..S-1; a decode step writes its one position at valid_length[b].
+    Prefill writes positions 0..S-1; a decode step writes only its one slot per row, at valid_length[b]
+    (a scatter: the cost does not grow with S_max).
     """
-    cache_len = cache.shape[2]
     if decode:
-        j = ops.arange(cache_len, dtype=ms.int32).reshape(1, 1, cache_len, 1)
-        onehot = (j == valid_length.reshape(-1, 1, 1, 1)).astype(cache.dtype)  # [B,1,S_max,1]
-        updated = cache * (1 - onehot) + new.astype(cache.dtype) * onehot
-    else:
-        pad = cache_len - new.shape[2]
-        updated = ops.pad(new.astype(cache.dtype), (0, 0, 0, pad))  # [B,h,S_max,d]
+        batch, heads = new.shape[0], new.shape[1]
+        rows = ops.arange(batch, dtype=ms.int32).reshape(batch, 1).broadcast_to((batch, heads))
+        cols = ops.arange(heads, dtype=ms.int32).reshape(1, heads).broadcast_to((batch, heads))
+        slots = valid_length.astype(ms.int32).reshape(batch, 1).broadcast_to((batch, heads))
+        index = ops.stack((rows, cols, slots), axis=-1)  # [B,h,3]
+        return ops.scatter_nd_update(cache, index, new.squeeze(2).astype(cache.dtype))  # [B,h,S_max,d]
+    pad = cache.shape[2] - new.shape[2]
+    updated = ops.pad(new.astype(cache.dtype), (0, 0, 0, pad))  # [B,h,S_max,d]
     ops.assign(cache, updated)
     return updated
 

@@ -1,0 +1,1 @@
+"""Benchmark sections: one module each, registered in `benchmarks/run.py`'s SECTIONS."""

@@ -1,0 +1,65 @@
+"""`benchmarks/run.py --quick` runs end to end and prints its markdown table (no timing is asserted)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RUN = REPO_ROOT / "benchmarks" / "run.py"
+
+CONTEXTS = (128, 512)
+EXPECTED_ROWS = (
+    [f"MS prefill, seq {n}" for n in CONTEXTS]
+    + [f"MS decode with KV cache, ctx {n}" for n in CONTEXTS]
+    + [f"MS decode without cache, ctx {n}" for n in CONTEXTS]
+    + [f"MS decode with KV cache, ctx 128, {slots}-slot cache" for slots in (128, 2048)]
+    + [f"PT prefill, seq {n}" for n in CONTEXTS]
+    + [f"PT decode with KV cache, ctx {n}" for n in CONTEXTS]
+    + ["memcpy bandwidth, 1 thread", "GLM fp32 weight-bandwidth bound", "LLaMA fp32 weight-bandwidth bound"]
+    + [f"MS decode / PT decode, ctx {n}" for n in CONTEXTS]
+    + [f"MS decode / GLM bound, ctx {n}" for n in CONTEXTS]
+    + [f"PT decode / LLaMA bound, ctx {n}" for n in CONTEXTS]
+    + [f"MS no-cache / cached decode, ctx {n}" for n in CONTEXTS]
+)
+
+
+def table_rows(text):
+    """{benchmark name: cells} of the markdown table's llm_decode rows."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) == 7 and cells[0] == "llm_decode":
+            rows[cells[1]] = cells
+    return rows
+
+
+def test_quick_benchmark_prints_the_table(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    env = dict(os.environ, LOCAL_DEFAULT_PATH=str(tmp_path / "mindformers_output"))
+    report = tmp_path / "report.md"
+    proc = subprocess.run([sys.executable, str(RUN), "--quick", "--output", str(report)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-5000:]}\nstderr:\n{proc.stderr[-5000:]}"
+    out = proc.stdout
+    assert "| Section | Benchmark | Median | Min | Unit | N | Notes |" in out
+    assert "mindspore 2." in out and "threads:" in out  # the environment above the table
+    rows = table_rows(out)
+    missing = [name for name in EXPECTED_ROWS if name not in rows]
+    assert not missing, f"rows missing from the table: {missing}\n{out}"
+    for name in EXPECTED_ROWS:
+        float(rows[name][2])  # every median is a number
+    assert table_rows(report.read_text(encoding="utf-8")) == rows  # --output holds the same table
+
+
+def test_list_and_unknown_section(tmp_path):
+    env = dict(os.environ, LOCAL_DEFAULT_PATH=str(tmp_path / "mindformers_output"))
+    listed = subprocess.run([sys.executable, str(RUN), "--list"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert listed.returncode == 0, listed.stderr[-3000:]
+    assert "llm_decode:" in listed.stdout
+    unknown = subprocess.run([sys.executable, str(RUN), "--only", "no_such_section"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert unknown.returncode == 2 and "invalid choice" in unknown.stderr
