@@ -275,8 +275,8 @@ def run(settings: Settings) -> Section:
         f"{llama_bytes / 1e6:.1f} MB of weights and GLM {glm_bytes / 1e6:.1f} MB; compare the "
         "'/ bound' rows for efficiency.",
         "Context N: the decode step's new token attends N keys (itself included). The MindSpore decode "
-        "graph attends over, and rewrites (one-hot blend in `write_cache`), every slot of its cache, "
-        "masking the unused ones, so its cost follows the cache size (the 'N-slot cache' rows), not N; "
+        "graph writes only the new slot but attends over every slot of its cache, masking the unused "
+        "ones, so its cost grows with the cache size (the 'N-slot cache' rows) more than with N; "
         "PyTorch's DynamicCache holds exactly N-1 tokens.",
         "Times include the host round trip of each call (inputs already on the device, logits `.asnumpy()`); "
         "'first call' is the untimed first warm-up call, graph compilation included (a graph already "
