@@ -30,3 +30,24 @@ def fixture_path(*parts):
 def load_json(*parts):
     with open(fixture_path(*parts), encoding="utf-8") as f:
         return json.load(f)
+
+
+@pytest.fixture(scope="session")
+def converted_visualglm(tmp_path_factory):
+    """The tiny SAT fixture converted by `convert_weight.py` as a user runs it: the output folder.
+
+    The folder holds the split checkpoints, manifest.json and exactly one YAML for run_infer.py.
+    """
+    import subprocess
+    import sys
+
+    script = REPO_ROOT / "convert_weight.py"
+    if not script.exists():
+        pytest.skip("convert_weight.py is not written yet")
+    source = fixture_path("visualglm", "sat", "visualglm-tiny")
+    out = tmp_path_factory.mktemp("converted_visualglm")
+    env = dict(os.environ, LOCAL_DEFAULT_PATH=str(out / "log"))
+    result = subprocess.run([sys.executable, str(script), "--torch_path", str(source), "--output_dir", str(out / "model")],
+                            cwd=out, env=env, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out / "model"
