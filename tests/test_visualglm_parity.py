@@ -122,11 +122,11 @@ def test_pynative_equals_graph(reference, builder, model):
     graph = model.generate_ids([row], config, pixels, use_past=True)
     ms.set_context(mode=ms.PYNATIVE_MODE)
     try:
-        model._generators.clear()  # fresh step cells: run them eagerly
+        model._engines.clear()  # fresh step cells: run them eagerly
         pynative = model.generate_ids([row], config, pixels, use_past=True)
     finally:
         ms.set_context(mode=ms.GRAPH_MODE)
-        model._generators.clear()
+        model._engines.clear()
     assert pynative[0] == graph[0] == sample["generated_ids"]
 
 

@@ -4,7 +4,7 @@ PyTorch, and against the fp32 weight-bandwidth bound.
 
 Context N of a decode step = the number of keys the new token attends (itself included): the MindSpore
 cached step writes at index N-1 (valid_length N-1) of a cache of `cache_len` slots; the no-cache step
-re-runs the padded N-token sequence (valid_length N) the way `Generator(use_past=False)` does; PyTorch
+re-runs the padded N-token sequence (valid_length N) the way the generation loop with `use_past=False` does; PyTorch
 decodes one token on a DynamicCache holding N-1 tokens.
 """
 import threading
@@ -25,7 +25,7 @@ class Sizes:
     num_layers: int
     num_heads: int
     inner_hidden_size: int
-    cache_len: int        # slots of the KV cache the prefill/decode rows use (Generator's seq_length)
+    cache_len: int        # slots of the KV cache the prefill/decode rows use (the engine's seq_length)
     contexts: tuple       # prefill lengths and decode contexts
     other_caches: tuple   # further cache sizes a decode at the first context is timed with
     memcpy_mb: int        # size of the array copied to measure bandwidth
@@ -144,10 +144,10 @@ def run_mindspore(sizes, settings, rng):
         results[("decode", n)] = time_call(lambda: decode(*args).asnumpy(), settings.reps, settings.warmup)
 
         # Decode without the cache: the padded n-token sequence re-run for one new token, as
-        # Generator(use_past=False) does (embedding + PrefillStep without cache).
+        # the generation loop with use_past=False does (embedding + PrefillStep without cache).
         results[("nocache", n)] = time_call(lambda: run_prefill(nocache), settings.slow_reps, settings.warmup)
 
-    # The same decode step with caches of other sizes (the Generator's seq_length).
+    # The same decode step with caches of other sizes (the engine's seq_length).
     n = sizes.contexts[0]
     row = glm_prompt(config, n, rng)
     args = decode_args(row, n)

@@ -9,7 +9,7 @@ import mindspore as ms
 from mindspore import Tensor
 from mindformers.models.modeling_utils import PreTrainedModel
 
-from ..generation.generator import Generator, PromptRow
+from ..generation.generator import EagerEngine, PromptRow, generate
 from ..generation.steps import splice_image
 from ..vision.image_encoder import ImageEncoder
 from .pretrained import PretrainedIOMixin
@@ -32,7 +32,7 @@ def check_projection(image_encoder_config, llm_hidden_size):
 
 
 class VisionLanguageModel(PretrainedIOMixin, PreTrainedModel):
-    """image_encoder (ViT + ln_vision + Q-Former + projection) and llm; generation through `Generator`."""
+    """image_encoder (ViT + ln_vision + Q-Former + projection) and llm; generation through `EagerEngine`."""
 
     base_model_prefix = ""
 
@@ -44,7 +44,7 @@ class VisionLanguageModel(PretrainedIOMixin, PreTrainedModel):
         check_projection(config.image_encoder_config, config.llm_config.hidden_size)
         self.image_encoder = ImageEncoder(config.image_encoder_config)
         self.llm = self.build_llm(config.llm_config)
-        self._generators = {}
+        self._engines = {}
         if checkpoints:
             load_checkpoints(self, checkpoints)
 
@@ -64,12 +64,13 @@ class VisionLanguageModel(PretrainedIOMixin, PreTrainedModel):
         embeds = splice_image(self.llm.embed(input_ids), image_embeds, image_start)
         return self.llm.logits(self.llm(embeds, position_ids, valid_length, prefix_length))
 
-    def generator(self, use_past=None):
+    def engine(self, use_past=None):
+        """The eager generation engine (graph-mode cells, one KV cache per batch size)."""
         use_past = self.config.use_past if use_past is None else use_past
-        if use_past not in self._generators:
-            self._generators[use_past] = Generator(self.llm, self.config.seq_length,
-                                                   self.config.llm_config.pad_token_id, use_past=use_past)
-        return self._generators[use_past]
+        if use_past not in self._engines:
+            self._engines[use_past] = EagerEngine(self.llm, self.config.seq_length,
+                                                  self.config.llm_config.pad_token_id, use_past=use_past)
+        return self._engines[use_past]
 
     def generate_ids(self, rows, generation_config, pixel_values=None, streamer=None, use_past=None):
         """Generated ids per row. rows: PromptRow list; pixel_values [B,3,H,W] for rows with an image
@@ -77,7 +78,7 @@ class VisionLanguageModel(PretrainedIOMixin, PreTrainedModel):
         image_embeds = None
         if pixel_values is not None:
             image_embeds = self.encode_images(pixel_values)
-        return self.generator(use_past).generate(rows, generation_config, image_embeds, streamer)
+        return generate(self.engine(use_past), rows, generation_config, image_embeds, streamer)
 
 
 __all__ = ["VisionLanguageModel", "PromptRow", "ProjectionMismatchError", "check_projection"]
