@@ -13,8 +13,10 @@ import torch
 from mindspore.nn.utils import no_init_parameters
 
 from conftest import fixture_path, load_json
-from visual_mllm.convert.visualglm_sat import (apply_key_map, image_encoder_config_from_sat,
-                                                image_side_key_map, load_sat_state_dict)
+from visual_mllm.convert.engine import converted_tensors
+from visual_mllm.convert.keymap import plan
+from visual_mllm.convert.readers import Source, SourceTensor
+from visual_mllm.convert.visualglm_sat import image_encoder_config_from_sat, image_side_rules, read_source
 from visual_mllm.vision.image_encoder import ImageEncoder, ImageEncoderConfig
 
 PREFIX = "image_encoder."  # our names inside the composite model; ImageEncoder alone has none
@@ -27,9 +29,14 @@ def sat_config():
     return image_encoder_config_from_sat(load_json("visualglm", "sat", "visualglm-tiny", "model_config.json"))
 
 
-def key_map_for(config):
-    return list(image_side_key_map(config.vit_config.num_layers, config.qformer_config.num_layers,
-                                   config.qformer_config.cross_attention_frequency))
+def image_side(source):
+    """The image-side keys of a SAT Source."""
+    return Source({key: value for key, value in source.items() if key.startswith(SAT_IMAGE_SIDE)},
+                  source.files, source.description)
+
+
+def parameter_shapes(encoder):
+    return {PREFIX + name: tuple(p.shape) for name, p in encoder.parameters_and_names()}
 
 
 def strip_prefix(arrays):
@@ -54,9 +61,10 @@ def image_samples():
 
 def sat_encoder(folder="visualglm-tiny"):
     config = sat_config()
-    state_dict = load_sat_state_dict(str(fixture_path("visualglm", "sat", folder)), float32=True)
     encoder = ImageEncoder(config)
-    load_arrays(encoder, strip_prefix(apply_key_map(state_dict, key_map_for(config))))
+    source = image_side(read_source(str(fixture_path("visualglm", "sat", folder))))
+    the_plan = plan(source, image_side_rules(config), (), parameter_shapes(encoder), folder)
+    load_arrays(encoder, strip_prefix({name: t.float().numpy() for name, t in converted_tensors(the_plan, None)}))
     return encoder
 
 
@@ -76,34 +84,31 @@ def max_diff(a, b):
 
 def test_sat_key_map_uses_every_image_side_key_and_fills_every_parameter():
     config = sat_config()
-    state_dict = load_sat_state_dict(str(fixture_path("visualglm", "sat", "visualglm-tiny")))
-    key_map = key_map_for(config)
-    sources = {source for source, _, _ in key_map}
-    targets = [target for _, target, _ in key_map]
-    assert sources == {key for key in state_dict if key.startswith(SAT_IMAGE_SIDE)}
+    source = read_source(str(fixture_path("visualglm", "sat", "visualglm-tiny")))
+    rules = image_side_rules(config)
+    sources = {key for rule in rules for key in rule.sources}
+    targets = [target for rule in rules for target in rule.targets]
+    assert sources == set(image_side(source))
     assert len(targets) == len(set(targets))
-    encoder = ImageEncoder(config)
-    assert sorted(targets) == sorted(PREFIX + name for name, _ in encoder.parameters_and_names())
+    assert sorted(targets) == sorted(parameter_shapes(ImageEncoder(config)))
 
 
 def test_full_size_shapes_match_the_release_table():
     """Default configs = the real EVA ViT-g / Q-Former: every mapped SAT shape lands on our shape."""
+    path = str(fixture_path("shapes", "visualglm_full_shapes.tsv"))
     shapes = {}
-    with open(fixture_path("shapes", "visualglm_full_shapes.tsv"), encoding="utf-8") as f:
+    with open(path, encoding="utf-8") as f:
         for line in f:
             if line.startswith("#"):
                 continue
-            key, shape, _ = line.rstrip("\n").split("\t")
-            shapes[key] = tuple(json.loads(shape))
-    config = ImageEncoderConfig(projection_size=shapes["mixins.eva.model.glm_proj.weight"][0])
+            key, shape, dtype = line.rstrip("\n").split("\t")
+            shapes[key] = SourceTensor(path, tuple(json.loads(shape)), getattr(torch, dtype), None)
+    config = ImageEncoderConfig(projection_size=shapes["mixins.eva.model.glm_proj.weight"].shape[0])
     with no_init_parameters():  # shapes only: no 1 B random numbers
         encoder = ImageEncoder(config)
-    ours = {PREFIX + name: tuple(p.shape) for name, p in encoder.parameters_and_names()}
-    key_map = key_map_for(config)
-    assert {source for source, _, _ in key_map} == {key for key in shapes if key.startswith(SAT_IMAGE_SIDE)}
-    shape_only = {key: np.broadcast_to(np.zeros((), np.float32), shape) for key, shape in shapes.items()}
-    converted = {target: array.shape for target, array in apply_key_map(shape_only, key_map).items()}
-    assert converted == ours
+    ours = parameter_shapes(encoder)
+    the_plan = plan(image_side(Source(shapes, [path], path)), image_side_rules(config), (), ours, path)
+    assert {name: tuple(meta.shape) for name, meta in the_plan.targets.items()} == ours
 
 
 # ----- SAT references -----

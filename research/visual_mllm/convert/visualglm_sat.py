@@ -1,126 +1,139 @@
-"""VisualGLM-6B SAT checkpoint (`visualglm-6b/`) -> visual_mllm parameter names.
+"""VisualGLM-6B, SAT release (`visualglm-6b/`: `latest`, `model_config.json`, `1/mp_rank_00_model_states.pt`).
 
-The key map is written out literally, one line per SAT tensor and target, so that it can be reviewed
-against the SAT state dict. `{i}` is a layer index, `{p}` is `weight` or `bias`. Each entry names a
-transform that turns the SAT array into ours. The ViT keeps its fused [Q; K; V] `qkv`; the Q-Former's
-fused projections are split by rows: `query_key_value` is [Q; K; V], `cross_attention.key_value` [K; V].
+The key map is written out literally, one line per SAT key and its target(s), so that it can be
+reviewed against the SAT state dict. `{i}` is a layer index, `{p}` is `weight` or `bias` (the line
+stands for both), `{eva}` is the image side's prefix (`mixins.eva.model.` here; the HF-format release
+renames it, see visualglm_hf.py). The ViT keeps its fused [Q; K; V] `qkv`; the Q-Former's fused
+projections are split by rows: `query_key_value` is [Q; K; V], `cross_attention.key_value` [K; V].
+GLM `query_key_value` rows are [Q (all heads); K; V] in SAT, the order our GLM reads.
 
 SAT puts the Q-Former LayerNorm at the start of each layer; we keep BERT's post-LN order. Same
 network, shifted names: SAT layers.0.input_layernorm is our embedding `layernorm`, SAT
 layers.{i+1}.input_layernorm is our layers.{i}.mlp_norm, SAT final_layernorm the last mlp_norm.
+
+LoRA checkpoints of VisualGLM's finetune script (SAT LoraMixin) replace a GLM layer's
+`attention.query_key_value` and `attention.dense` by `.original.{weight,bias}` plus `matrix_A.j`
+(r, in) and `matrix_B.j` (out/partition, r), partition 3 for query_key_value and 1 for dense; the
+layer computes original(x) + scaling * [B_0 A_0 x; B_1 A_1 x; B_2 A_2 x], scaling = lora_alpha / r
+(LoraMixin's default lora_alpha is 1; the script does not change it).
 """
-import json
 import os
-from collections.abc import Mapping
+from dataclasses import dataclass
 
-import numpy as np
-import torch
-from mindspore import Tensor
-from mindspore.nn.utils import no_init_parameters
-
+from ..finetune.lora import LORA_PARAMS
 from ..llm.glm import GLMConfig
+from ..models.visualglm import VisualGLMConfig
 from ..vision.eva_vit import EvaViTConfig
 from ..vision.image_encoder import ImageEncoderConfig
 from ..vision.qformer import QFormerConfig
+from .keymap import ADD_BATCH_AXIS, IDENTITY, expand, lora_a_as_one, lora_b_as_one, merge_lora, split_rows
+from .readers import ConversionError, Source, read_json, read_torch_pickle
 
-WEIGHT_BIAS = ("weight", "bias")
+FORMAT = "visualglm-sat"
+EVA_PREFIX = "mixins.eva.model."
+CHECKPOINT_FILE = "mp_rank_00_model_states.pt"
+STATE_DICT_KEY = "module"  # the .pt holds {"module": state_dict}
 
+# ----- the key map: (SAT key(s), our key(s), transform) -----
 
-# ----- transforms (numpy in, numpy out) -----
-
-def identity(a):
-    return a
-
-
-def add_batch_axis(a):
-    """[N, D] -> [1, N, D] (SAT keeps CLS / position / query tokens as embedding tables)."""
-    return a[None]
-
-
-def _row_block(a, index, count):
-    if a.shape[0] % count:
-        raise ValueError(f"cannot split {a.shape[0]} rows into {count} equal blocks")
-    rows = a.shape[0] // count
-    return a[index * rows:(index + 1) * rows]
-
-
-def rows_first_third(a):
-    return _row_block(a, 0, 3)
-
-
-def rows_second_third(a):
-    return _row_block(a, 1, 3)
-
-
-def rows_last_third(a):
-    return _row_block(a, 2, 3)
-
-
-def rows_first_half(a):
-    return _row_block(a, 0, 2)
-
-
-def rows_second_half(a):
-    return _row_block(a, 1, 2)
-
-
-# ----- the key map -----
-
-# (SAT key, our key, transform); entries with `{p}` exist for weight and bias.
 VIT_GLOBAL = [
-    ("mixins.eva.model.vit.transformer.word_embeddings.weight", "image_encoder.vit.cls_token", add_batch_axis),
-    ("mixins.eva.model.vit.transformer.position_embeddings.weight", "image_encoder.vit.pos_embed", add_batch_axis),
-    ("mixins.eva.model.vit.mixins.patch_embedding.proj.{p}", "image_encoder.vit.patch_embed.{p}", identity),
-    ("mixins.eva.model.vit.mixins.cls.ln_vision.{p}", "image_encoder.ln_vision.{p}", identity),
+    ("{eva}vit.transformer.word_embeddings.weight", "image_encoder.vit.cls_token", ADD_BATCH_AXIS),
+    ("{eva}vit.transformer.position_embeddings.weight", "image_encoder.vit.pos_embed", ADD_BATCH_AXIS),
+    ("{eva}vit.mixins.patch_embedding.proj.{p}", "image_encoder.vit.patch_embed.{p}", IDENTITY),
+    ("{eva}vit.mixins.cls.ln_vision.{p}", "image_encoder.ln_vision.{p}", IDENTITY),
 ]
 VIT_LAYER = [
-    ("mixins.eva.model.vit.transformer.layers.{i}.input_layernorm.{p}", "image_encoder.vit.blocks.{i}.norm1.{p}", identity),
-    ("mixins.eva.model.vit.transformer.layers.{i}.attention.query_key_value.{p}", "image_encoder.vit.blocks.{i}.attn.qkv.{p}", identity),
-    ("mixins.eva.model.vit.transformer.layers.{i}.attention.dense.{p}", "image_encoder.vit.blocks.{i}.attn.proj.{p}", identity),
-    ("mixins.eva.model.vit.transformer.layers.{i}.post_attention_layernorm.{p}", "image_encoder.vit.blocks.{i}.norm2.{p}", identity),
-    ("mixins.eva.model.vit.transformer.layers.{i}.mlp.dense_h_to_4h.{p}", "image_encoder.vit.blocks.{i}.mlp.fc1.{p}", identity),
-    ("mixins.eva.model.vit.transformer.layers.{i}.mlp.dense_4h_to_h.{p}", "image_encoder.vit.blocks.{i}.mlp.fc2.{p}", identity),
+    ("{eva}vit.transformer.layers.{i}.input_layernorm.{p}", "image_encoder.vit.blocks.{i}.norm1.{p}", IDENTITY),
+    ("{eva}vit.transformer.layers.{i}.attention.query_key_value.{p}", "image_encoder.vit.blocks.{i}.attn.qkv.{p}", IDENTITY),
+    ("{eva}vit.transformer.layers.{i}.attention.dense.{p}", "image_encoder.vit.blocks.{i}.attn.proj.{p}", IDENTITY),
+    ("{eva}vit.transformer.layers.{i}.post_attention_layernorm.{p}", "image_encoder.vit.blocks.{i}.norm2.{p}", IDENTITY),
+    ("{eva}vit.transformer.layers.{i}.mlp.dense_h_to_4h.{p}", "image_encoder.vit.blocks.{i}.mlp.fc1.{p}", IDENTITY),
+    ("{eva}vit.transformer.layers.{i}.mlp.dense_4h_to_h.{p}", "image_encoder.vit.blocks.{i}.mlp.fc2.{p}", IDENTITY),
 ]
 QFORMER_GLOBAL = [
-    ("mixins.eva.model.qformer.transformer.word_embeddings.weight", "image_encoder.qformer.query_tokens", add_batch_axis),
-    ("mixins.eva.model.qformer.transformer.layers.0.input_layernorm.{p}", "image_encoder.qformer.layernorm.{p}", identity),
-    ("mixins.eva.model.glm_proj.{p}", "image_encoder.projection.{p}", identity),
+    ("{eva}qformer.transformer.word_embeddings.weight", "image_encoder.qformer.query_tokens", ADD_BATCH_AXIS),
+    ("{eva}qformer.transformer.layers.0.input_layernorm.{p}", "image_encoder.qformer.layernorm.{p}", IDENTITY),
+    ("{eva}glm_proj.{p}", "image_encoder.projection.{p}", IDENTITY),
 ]
 QFORMER_LAYER = [
-    ("mixins.eva.model.qformer.transformer.layers.{i}.attention.query_key_value.{p}", "image_encoder.qformer.layers.{i}.self_attn.query.{p}", rows_first_third),
-    ("mixins.eva.model.qformer.transformer.layers.{i}.attention.query_key_value.{p}", "image_encoder.qformer.layers.{i}.self_attn.key.{p}", rows_second_third),
-    ("mixins.eva.model.qformer.transformer.layers.{i}.attention.query_key_value.{p}", "image_encoder.qformer.layers.{i}.self_attn.value.{p}", rows_last_third),
-    ("mixins.eva.model.qformer.transformer.layers.{i}.attention.dense.{p}", "image_encoder.qformer.layers.{i}.self_attn.dense.{p}", identity),
-    ("mixins.eva.model.qformer.transformer.layers.{i}.post_attention_layernorm.{p}", "image_encoder.qformer.layers.{i}.self_attn_norm.{p}", identity),
-    ("mixins.eva.model.qformer.transformer.layers.{i}.mlp.dense_h_to_4h.{p}", "image_encoder.qformer.layers.{i}.mlp.fc1.{p}", identity),
-    ("mixins.eva.model.qformer.transformer.layers.{i}.mlp.dense_4h_to_h.{p}", "image_encoder.qformer.layers.{i}.mlp.fc2.{p}", identity),
+    ("{eva}qformer.transformer.layers.{i}.attention.query_key_value.{p}",
+     ("image_encoder.qformer.layers.{i}.self_attn.query.{p}", "image_encoder.qformer.layers.{i}.self_attn.key.{p}",
+      "image_encoder.qformer.layers.{i}.self_attn.value.{p}"), split_rows(3)),
+    ("{eva}qformer.transformer.layers.{i}.attention.dense.{p}", "image_encoder.qformer.layers.{i}.self_attn.dense.{p}", IDENTITY),
+    ("{eva}qformer.transformer.layers.{i}.post_attention_layernorm.{p}", "image_encoder.qformer.layers.{i}.self_attn_norm.{p}", IDENTITY),
+    ("{eva}qformer.transformer.layers.{i}.mlp.dense_h_to_4h.{p}", "image_encoder.qformer.layers.{i}.mlp.fc1.{p}", IDENTITY),
+    ("{eva}qformer.transformer.layers.{i}.mlp.dense_4h_to_h.{p}", "image_encoder.qformer.layers.{i}.mlp.fc2.{p}", IDENTITY),
 ]
 QFORMER_CROSS_LAYER = [  # only layers with i % cross_attention_frequency == 0
-    ("mixins.eva.model.qformer.transformer.layers.{i}.cross_attention.query.{p}", "image_encoder.qformer.layers.{i}.cross_attn.query.{p}", identity),
-    ("mixins.eva.model.qformer.transformer.layers.{i}.cross_attention.key_value.{p}", "image_encoder.qformer.layers.{i}.cross_attn.key.{p}", rows_first_half),
-    ("mixins.eva.model.qformer.transformer.layers.{i}.cross_attention.key_value.{p}", "image_encoder.qformer.layers.{i}.cross_attn.value.{p}", rows_second_half),
-    ("mixins.eva.model.qformer.transformer.layers.{i}.cross_attention.dense.{p}", "image_encoder.qformer.layers.{i}.cross_attn.dense.{p}", identity),
-    ("mixins.eva.model.qformer.transformer.layers.{i}.post_cross_attention_layernorm.{p}", "image_encoder.qformer.layers.{i}.cross_attn_norm.{p}", identity),
+    ("{eva}qformer.transformer.layers.{i}.cross_attention.query.{p}", "image_encoder.qformer.layers.{i}.cross_attn.query.{p}", IDENTITY),
+    ("{eva}qformer.transformer.layers.{i}.cross_attention.key_value.{p}",
+     ("image_encoder.qformer.layers.{i}.cross_attn.key.{p}", "image_encoder.qformer.layers.{i}.cross_attn.value.{p}"),
+     split_rows(2)),
+    ("{eva}qformer.transformer.layers.{i}.cross_attention.dense.{p}", "image_encoder.qformer.layers.{i}.cross_attn.dense.{p}", IDENTITY),
+    ("{eva}qformer.transformer.layers.{i}.post_cross_attention_layernorm.{p}", "image_encoder.qformer.layers.{i}.cross_attn_norm.{p}", IDENTITY),
 ]
 # The LayerNorm shift: our layer i's mlp_norm is the LayerNorm SAT applies at the start of layer i+1 ...
-QFORMER_MLP_NORM = ("mixins.eva.model.qformer.transformer.layers.{next}.input_layernorm.{p}", "image_encoder.qformer.layers.{i}.mlp_norm.{p}", identity)
+QFORMER_MLP_NORM = [("{eva}qformer.transformer.layers.{next}.input_layernorm.{p}", "image_encoder.qformer.layers.{i}.mlp_norm.{p}", IDENTITY)]
 # ... and, after the last layer, SAT's final LayerNorm.
-QFORMER_LAST_MLP_NORM = ("mixins.eva.model.qformer.transformer.final_layernorm.{p}", "image_encoder.qformer.layers.{i}.mlp_norm.{p}", identity)
+QFORMER_LAST_MLP_NORM = [("{eva}qformer.transformer.final_layernorm.{p}", "image_encoder.qformer.layers.{i}.mlp_norm.{p}", IDENTITY)]
 
-# GLM (ChatGLM-6B). SAT's query_key_value rows are [Q (all heads); K; V], the order our GLM reads.
+# GLM (ChatGLM-6B)
 GLM_GLOBAL = [
-    ("transformer.word_embeddings.weight", "llm.word_embeddings.weight", identity),
-    ("transformer.final_layernorm.{p}", "llm.final_layernorm.{p}", identity),
-    ("mixins.chatglm-final.lm_head.weight", "llm.lm_head.weight", identity),
+    ("transformer.word_embeddings.weight", "llm.word_embeddings.weight", IDENTITY),
+    ("transformer.final_layernorm.{p}", "llm.final_layernorm.{p}", IDENTITY),
+    ("mixins.chatglm-final.lm_head.weight", "llm.lm_head.weight", IDENTITY),
 ]
-GLM_LAYER = [
-    ("transformer.layers.{i}.input_layernorm.{p}", "llm.layers.{i}.input_layernorm.{p}", identity),
-    ("transformer.layers.{i}.attention.query_key_value.{p}", "llm.layers.{i}.attention.query_key_value.{p}", identity),
-    ("transformer.layers.{i}.attention.dense.{p}", "llm.layers.{i}.attention.dense.{p}", identity),
-    ("transformer.layers.{i}.post_attention_layernorm.{p}", "llm.layers.{i}.post_attention_layernorm.{p}", identity),
-    ("transformer.layers.{i}.mlp.dense_h_to_4h.{p}", "llm.layers.{i}.mlp.fc1.{p}", identity),
-    ("transformer.layers.{i}.mlp.dense_4h_to_h.{p}", "llm.layers.{i}.mlp.fc2.{p}", identity),
+GLM_ATTENTION = [
+    ("transformer.layers.{i}.attention.query_key_value.{p}", "llm.layers.{i}.attention.query_key_value.{p}", IDENTITY),
+    ("transformer.layers.{i}.attention.dense.{p}", "llm.layers.{i}.attention.dense.{p}", IDENTITY),
 ]
+GLM_NORMS_MLP = [  # the same keys in the HF-format release
+    ("transformer.layers.{i}.input_layernorm.{p}", "llm.layers.{i}.input_layernorm.{p}", IDENTITY),
+    ("transformer.layers.{i}.post_attention_layernorm.{p}", "llm.layers.{i}.post_attention_layernorm.{p}", IDENTITY),
+    ("transformer.layers.{i}.mlp.dense_h_to_4h.{p}", "llm.layers.{i}.mlp.fc1.{p}", IDENTITY),
+    ("transformer.layers.{i}.mlp.dense_4h_to_h.{p}", "llm.layers.{i}.mlp.fc2.{p}", IDENTITY),
+]
+# A LoRA layer's attention (replaces GLM_ATTENTION for that layer).
+LORA_QKV_A = ("transformer.layers.{i}.attention.query_key_value.matrix_A.0",
+              "transformer.layers.{i}.attention.query_key_value.matrix_A.1",
+              "transformer.layers.{i}.attention.query_key_value.matrix_A.2")
+LORA_QKV_B = ("transformer.layers.{i}.attention.query_key_value.matrix_B.0",
+              "transformer.layers.{i}.attention.query_key_value.matrix_B.1",
+              "transformer.layers.{i}.attention.query_key_value.matrix_B.2")
+LORA_DENSE_A = ("transformer.layers.{i}.attention.dense.matrix_A.0",)
+LORA_DENSE_B = ("transformer.layers.{i}.attention.dense.matrix_B.0",)
+LORA_QKV_ORIGINAL = "transformer.layers.{i}.attention.query_key_value.original.{p}"
+LORA_DENSE_ORIGINAL = "transformer.layers.{i}.attention.dense.original.{p}"
+# Kept LoRA weights are named as mindpet's LoRADense names its parameters (mindpet 1.0.4). A LoRADense
+# has one rank, and finetune LoRA checkpoints one rank for all layers: every adapter is written with
+# rank LORA_SLOTS * r (query_key_value's three side by side, dense's padded with zeros) and
+# lora_alpha LORA_SLOTS * alpha, which keeps the scaling alpha / r and the result exact.
+LORA_A_NAME, LORA_B_NAME = LORA_PARAMS
+LORA_SLOTS = 3
+
+
+def glm_lora_attention(lora, keep):
+    """The attention lines of a LoRA layer: merged into the weights, or the LoRA weights kept beside them."""
+    qkv, dense = "llm.layers.{i}.attention.query_key_value", "llm.layers.{i}.attention.dense"
+    if keep:
+        return [
+            (LORA_QKV_ORIGINAL, qkv + ".{p}", IDENTITY),
+            (LORA_QKV_A, f"{qkv}.{LORA_A_NAME}", lora_a_as_one(3, LORA_SLOTS)),
+            (LORA_QKV_B, f"{qkv}.{LORA_B_NAME}", lora_b_as_one(3, LORA_SLOTS)),
+            (LORA_DENSE_ORIGINAL, dense + ".{p}", IDENTITY),
+            (LORA_DENSE_A, f"{dense}.{LORA_A_NAME}", lora_a_as_one(1, LORA_SLOTS)),
+            (LORA_DENSE_B, f"{dense}.{LORA_B_NAME}", lora_b_as_one(1, LORA_SLOTS)),
+        ]
+    return [
+        (("transformer.layers.{i}.attention.query_key_value.original.weight",) + LORA_QKV_A + LORA_QKV_B,
+         qkv + ".weight", merge_lora(3, lora.scaling)),
+        ("transformer.layers.{i}.attention.query_key_value.original.bias", qkv + ".bias", IDENTITY),
+        (("transformer.layers.{i}.attention.dense.original.weight",) + LORA_DENSE_A + LORA_DENSE_B,
+         dense + ".weight", merge_lora(1, lora.scaling)),
+        ("transformer.layers.{i}.attention.dense.original.bias", dense + ".bias", IDENTITY),
+    ]
+
+
 # SAT keys that carry nothing to convert: the rotary buffer (recomputed in fp32) and the unused
 # position embedding table some releases carry.
 IGNORED = (
@@ -129,79 +142,115 @@ IGNORED = (
 )
 
 
-def _expand(entries, **fields):
-    for source, target, transform in entries:
-        params = WEIGHT_BIAS if "{p}" in source else (None,)
-        for p in params:
-            yield source.format(p=p, **fields), target.format(p=p, **fields), transform
+def image_side_rules(image, eva=EVA_PREFIX):
+    """Rules for every image-side tensor (ViT, ln_vision, Q-Former, projection) of an ImageEncoderConfig.
 
-
-def image_side_key_map(vit_layers, qformer_layers, cross_attention_frequency):
-    """Yield (SAT key, our key, transform) for every image-side tensor of a SAT VisualGLM checkpoint.
-
-    A SAT key appears once per target it feeds (three times for a fused qkv); every target appears once.
+    eva: the prefix of the image side's keys.
     """
-    yield from _expand(VIT_GLOBAL)
-    for i in range(vit_layers):
-        yield from _expand(VIT_LAYER, i=i)
-    yield from _expand(QFORMER_GLOBAL)
-    for i in range(qformer_layers):
-        yield from _expand(QFORMER_LAYER, i=i)
-        if i % cross_attention_frequency == 0:
-            yield from _expand(QFORMER_CROSS_LAYER, i=i)
-        last = i == qformer_layers - 1
-        yield from _expand([QFORMER_LAST_MLP_NORM if last else QFORMER_MLP_NORM], i=i, next=i + 1)
+    qformer = image.qformer_config
+    rules = expand(VIT_GLOBAL, eva=eva)
+    for i in range(image.vit_config.num_layers):
+        rules += expand(VIT_LAYER, eva=eva, i=i)
+    rules += expand(QFORMER_GLOBAL, eva=eva)
+    for i in range(qformer.num_layers):
+        rules += expand(QFORMER_LAYER, eva=eva, i=i)
+        if i % qformer.cross_attention_frequency == 0:
+            rules += expand(QFORMER_CROSS_LAYER, eva=eva, i=i)
+        last = i == qformer.num_layers - 1
+        rules += expand(QFORMER_LAST_MLP_NORM if last else QFORMER_MLP_NORM, eva=eva, i=i, next=i + 1)
+    return rules
 
 
-def apply_key_map(state_dict, key_map):
-    """{our key: array} from a SAT state dict (a mapping of numpy arrays) and (source, target, transform) triples."""
-    out = {}
-    for source, target, transform in key_map:
-        if target in out:
-            raise ValueError(f"key map fills {target} twice")
-        out[target] = transform(state_dict[source])
-    return out
+def sat_rules(config, lora=None, keep_lora=False):
+    """The whole SAT map for a VisualGLMConfig; `lora` (SatLora) for a LoRA checkpoint."""
+    rules = image_side_rules(config.image_encoder_config) + expand(GLM_GLOBAL)
+    for i in range(config.llm_config.num_layers):
+        lora_layer = lora is not None and i in lora.layers
+        rules += expand((glm_lora_attention(lora, keep_lora) if lora_layer else GLM_ATTENTION) + GLM_NORMS_MLP, i=i)
+    return rules
 
 
-# ----- reading SAT files -----
+@dataclass(frozen=True)
+class SatLora:
+    """The LoRA layers of a SAT checkpoint, their rank and scaling (lora_alpha / rank)."""
 
-class _NumpyStateDict(Mapping):
-    """A torch state dict seen as numpy arrays, converted one tensor at a time when read.
+    layers: tuple
+    rank: int
+    alpha: float
 
-    Converting lazily keeps the memory-mapped file as the only full copy: the fp16 release is
-    15.6 GB, its float32 upcast 31 GB, more than the machine's RAM.
-    """
+    @property
+    def scaling(self):
+        return self.alpha / self.rank
 
-    def __init__(self, tensors, float32):
-        self.tensors = tensors
-        self.float32 = float32
+    @property
+    def targets(self):
+        """Our Dense layers that carry LoRA."""
+        return [f"llm.layers.{i}.attention.{dense}" for i in self.layers for dense in ("query_key_value", "dense")]
 
-    def __getitem__(self, key):
-        tensor = self.tensors[key]
-        if self.float32 or tensor.dtype == torch.bfloat16:  # numpy has no bfloat16
-            tensor = tensor.float()
-        return tensor.numpy()
+    @property
+    def kept_rank(self):
+        return LORA_SLOTS * self.rank
 
-    def __iter__(self):
-        return iter(self.tensors)
+    @property
+    def kept_alpha(self):
+        return LORA_SLOTS * self.alpha
 
-    def __len__(self):
-        return len(self.tensors)
+    def kept_shapes(self, config):
+        """{our LoRA key: shape} when the LoRA weights are kept (mindpet LoRADense: A (rank, in), B (out, rank))."""
+        hidden = config.llm_config.hidden_size
+        shapes = {}
+        for target in self.targets:
+            out = 3 * hidden if target.endswith("query_key_value") else hidden
+            shapes[f"{target}.{LORA_A_NAME}"] = (self.kept_rank, hidden)
+            shapes[f"{target}.{LORA_B_NAME}"] = (out, self.kept_rank)
+        return shapes
 
 
-def load_sat_state_dict(path, float32=False):
-    """The `module` state dict of a SAT checkpoint as {key: numpy array}.
+def detect_lora(source, model_config, alpha=None):
+    """SatLora if the checkpoint has LoRA layers, else None. alpha: None = model_config's lora_alpha or SAT's 1."""
+    layers = tuple(i for i in range(model_config["num_layers"])
+                   if LORA_QKV_ORIGINAL.format(i=i, p="weight") in source)
+    if not layers:
+        return None
+    first_a = LORA_QKV_A[0].format(i=layers[0])
+    if first_a not in source:
+        raise ConversionError(f"{source.description}: layer {layers[0]} has LoRA weights but no {first_a}")
+    alpha = alpha if alpha is not None else float(model_config.get("lora_alpha", 1.0))
+    return SatLora(layers, int(source[first_a].shape[0]), alpha)
 
-    path: the SAT folder (with `latest` naming the iteration folder) or the
-    `mp_rank_00_model_states.pt` file itself. Pickles are opened with weights_only=True (no code
-    runs) and memory-mapped. float32=True upcasts each tensor as it is read.
-    """
-    if os.path.isdir(path):
-        with open(os.path.join(path, "latest"), encoding="utf-8") as f:
-            iteration = f.read().strip()
-        path = os.path.join(path, iteration, "mp_rank_00_model_states.pt")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return _NumpyStateDict(checkpoint["module"], float32)
+
+# ----- files and config -----
+
+def checkpoint_file(path):
+    """The .pt of a SAT folder (through `latest`) or the .pt itself."""
+    if not os.path.isdir(path):
+        return path
+    latest = os.path.join(path, "latest")
+    with open(latest, encoding="utf-8") as f:
+        iteration = f.read().strip()
+    pt = os.path.join(path, iteration, CHECKPOINT_FILE)
+    if not os.path.isfile(pt):
+        raise ConversionError(f"{latest} names iteration {iteration!r}, but {pt} does not exist")
+    return pt
+
+
+def read_source(path):
+    """The SAT state dict ({"module": ...} of the .pt) as a Source, memory-mapped."""
+    pt = checkpoint_file(path)
+    return Source(read_torch_pickle(pt, STATE_DICT_KEY), [pt], f"SAT checkpoint {pt}")
+
+
+def model_config_path(path):
+    """`model_config.json` of a SAT folder, or beside the iteration folder of a .pt."""
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    return os.path.join(folder, "model_config.json")
+
+
+def read_model_config(path):
+    config_path = model_config_path(path)
+    if not os.path.isfile(config_path):
+        raise ConversionError(f"SAT model_config.json not found beside {path} (looked for {config_path})")
+    return read_json(config_path)
 
 
 def _cross_attention_frequency(is_decoder):
@@ -209,21 +258,21 @@ def _cross_attention_frequency(is_decoder):
     for frequency in range(1, len(is_decoder) + 1):
         if list(is_decoder) == [i % frequency == 0 for i in range(len(is_decoder))]:
             return frequency
-    raise ValueError(f"Q-Former cross-attention layers {is_decoder} are not every n-th layer from 0")
+    raise ConversionError(f"Q-Former cross-attention layers {is_decoder} are not every n-th layer from 0")
 
 
 def image_encoder_config_from_sat(model_config):
-    """ImageEncoderConfig from the dict in a SAT `model_config.json` (eva_args, qformer_args, ...)."""
+    """ImageEncoderConfig from a SAT `model_config.json` dict (eva_args, qformer_args, image_length, hidden_size)."""
     eva, qformer = model_config["eva_args"], model_config["qformer_args"]
     if (eva.get("layernorm_order", "pre"), eva.get("use_final_layernorm", False), eva.get("pre_len", 1),
             eva.get("post_len", 0)) != ("pre", False, 1, 0):
-        raise ValueError("eva_args: expected pre-LN blocks, no final LayerNorm, one CLS token and no suffix tokens")
+        raise ConversionError("eva_args: expected pre-LN blocks, no final LayerNorm, one CLS token and no suffix tokens")
     height, width = eva["image_size"]
     if height != width:
-        raise ValueError(f"expected a square image_size, got {eva['image_size']}")
+        raise ConversionError(f"expected a square image_size, got {eva['image_size']}")
     if qformer["vocab_size"] != model_config["image_length"]:
-        raise ValueError(f"qformer_args.vocab_size {qformer['vocab_size']} (query tokens) != "
-                         f"image_length {model_config['image_length']}")
+        raise ConversionError(f"qformer_args.vocab_size {qformer['vocab_size']} (query tokens) != "
+                              f"image_length {model_config['image_length']}")
     vit_config = EvaViTConfig(
         image_size=height,
         patch_size=eva["patch_size"],
@@ -248,24 +297,8 @@ def image_encoder_config_from_sat(model_config):
                               projection_size=model_config["hidden_size"])
 
 
-def glm_key_map(num_layers):
-    """Yield (SAT key, our key, transform) for every GLM tensor."""
-    yield from _expand(GLM_GLOBAL)
-    for i in range(num_layers):
-        yield from _expand(GLM_LAYER, i=i)
-
-
-def visualglm_key_map(config):
-    """The whole VisualGLM map for a VisualGLMConfig."""
-    image = config.image_encoder_config
-    yield from image_side_key_map(image.vit_config.num_layers, image.qformer_config.num_layers,
-                                  image.qformer_config.cross_attention_frequency)
-    yield from glm_key_map(config.llm_config.num_layers)
-
-
-def glm_config_from_sat(model_config, tokenizer_ids=None):
-    """GLMConfig from a SAT `model_config.json` dict; special ids from it (or from tokenizer_ids)."""
-    ids = dict(tokenizer_ids or {})
+def glm_config_from_sat(model_config, eos_token_id):
+    """GLMConfig from a SAT-style config dict; SAT configs carry no <eop> id: it comes from the tokenizer."""
     hidden = model_config["hidden_size"]
     return GLMConfig(
         vocab_size=model_config["vocab_size"],
@@ -275,50 +308,59 @@ def glm_config_from_sat(model_config, tokenizer_ids=None):
         inner_hidden_size=model_config.get("inner_hidden_size") or 4 * hidden,  # SAT's default
         layernorm_epsilon=model_config.get("layernorm_epsilon", 1e-5),
         max_sequence_length=model_config["max_sequence_length"],
-        bos_token_id=ids.get("bos_token_id", model_config["bos_token_id"]),
-        eos_token_id=ids.get("eos_token_id", model_config.get("eos_token_id")),
-        pad_token_id=ids.get("pad_token_id", model_config["pad_token_id"]),
-        mask_token_id=ids.get("mask_token_id", model_config["mask_token_id"]),
-        gmask_token_id=ids.get("gmask_token_id", model_config["gmask_token_id"]),
+        bos_token_id=model_config["bos_token_id"],
+        eos_token_id=model_config.get("eos_token_id", eos_token_id),
+        pad_token_id=model_config["pad_token_id"],
+        mask_token_id=model_config["mask_token_id"],
+        gmask_token_id=model_config["gmask_token_id"],
     )
 
 
-def read_sat_model_config(path):
-    """The `model_config.json` beside a SAT folder or checkpoint file."""
-    folder = path if os.path.isdir(path) else os.path.dirname(os.path.dirname(os.path.abspath(path)))
-    config_path = os.path.join(folder, "model_config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"SAT model_config.json not found beside {path} (looked for {config_path})")
-    with open(config_path, encoding="utf-8") as f:
-        return json.load(f)
+def config_from_sat(model_config, eos_token_id):
+    """VisualGLMConfig of a SAT model_config.json dict; seq_length = the GLM's max_sequence_length."""
+    try:
+        return VisualGLMConfig(image_encoder_config=image_encoder_config_from_sat(model_config),
+                               llm_config=glm_config_from_sat(model_config, eos_token_id),
+                               seq_length=model_config["max_sequence_length"])
+    except KeyError as err:
+        raise ConversionError(f"the model config has no {err.args[0]!r}") from None
 
 
-def load_sat_model(path, tokenizer_ids=None, **config_overrides):
-    """A VisualGLMForConditionalGeneration holding the weights of a SAT checkpoint (fp32).
+def eva_args(config):
+    """SAT `eva_args` (= the HF release's `eva_config`) of a VisualGLMConfig."""
+    vit = config.image_encoder_config.vit_config
+    return {"num_layers": vit.num_layers, "hidden_size": vit.hidden_size, "num_attention_heads": vit.num_heads,
+            "vocab_size": 1, "layernorm_order": "pre", "model_parallel_size": 1,
+            "max_sequence_length": (vit.image_size // vit.patch_size) ** 2 + 1,
+            "inner_hidden_size": vit.mlp_hidden_size, "use_final_layernorm": False,
+            "layernorm_epsilon": vit.layer_norm_eps, "image_size": [vit.image_size, vit.image_size],
+            "pre_len": 1, "post_len": 0, "in_channels": vit.in_channels, "num_classes": 0,
+            "patch_size": vit.patch_size}
 
-    Strict: every SAT key is converted or listed in IGNORED, every parameter is filled with its shape.
-    SAT configs carry no <eop> id: pass tokenizer_ids={"eos_token_id": ...} (from the tokenizer).
-    """
-    from ..models.visualglm import VisualGLMConfig, VisualGLMForConditionalGeneration
 
-    model_config = read_sat_model_config(path)
-    config = VisualGLMConfig(image_encoder_config=image_encoder_config_from_sat(model_config),
-                             llm_config=glm_config_from_sat(model_config, tokenizer_ids), **config_overrides)
-    state = load_sat_state_dict(path, float32=True)
-    key_map = list(visualglm_key_map(config))
-    unused = set(state) - {source for source, _, _ in key_map} - set(IGNORED)
-    absent = sorted({source for source, _, _ in key_map} - set(state))
-    if unused or absent:
-        raise ValueError(f"SAT checkpoint {path} does not match its model_config.json: "
-                         f"unexpected keys {sorted(unused)}, missing keys {absent}")
-    with no_init_parameters():
-        model = VisualGLMForConditionalGeneration(config)
-    params = {p.name: p for p in model.get_parameters()}
-    arrays = apply_key_map(state, key_map)
-    if set(arrays) != set(params):
-        raise ValueError(f"key map and model disagree: {sorted(set(arrays) ^ set(params))}")
-    for name, array in arrays.items():
-        if tuple(array.shape) != tuple(params[name].shape):
-            raise ValueError(f"{name}: SAT shape {tuple(array.shape)} != model {tuple(params[name].shape)}")
-        params[name].set_data(Tensor(array.astype(np.float32)))
-    return model
+def qformer_args(config):
+    """SAT `qformer_args` (= the HF release's `qformer_config`) of a VisualGLMConfig."""
+    qformer = config.image_encoder_config.qformer_config
+    return {"num_layers": qformer.num_layers, "hidden_size": qformer.hidden_size,
+            "num_attention_heads": qformer.num_heads, "vocab_size": qformer.num_query_tokens,
+            "layernorm_order": "post", "model_parallel_size": 1, "max_sequence_length": 0,
+            "is_decoder": [i % qformer.cross_attention_frequency == 0 for i in range(qformer.num_layers)],
+            "cross_attn_hidden_size": qformer.encoder_hidden_size, "layernorm_epsilon": qformer.layer_norm_eps,
+            "inner_hidden_size": qformer.intermediate_size}
+
+
+def sat_model_config(config):
+    """The SAT `model_config.json` dict of a VisualGLMConfig (keys as SAT writes them)."""
+    glm = config.llm_config
+    out = {"model_class": "VisualGLMModel", "tokenizer_type": "THUDM/chatglm-6b", "num_layers": glm.num_layers,
+           "hidden_size": glm.hidden_size, "num_attention_heads": glm.num_heads, "vocab_size": glm.vocab_size,
+           "layernorm_order": "post", "model_parallel_size": 1, "max_sequence_length": glm.max_sequence_length,
+           "image_length": config.image_encoder_config.qformer_config.num_query_tokens,
+           "eva_args": eva_args(config), "qformer_args": qformer_args(config)}
+    if glm.inner_hidden_size != 4 * glm.hidden_size:
+        out["inner_hidden_size"] = glm.inner_hidden_size
+    if glm.layernorm_epsilon != 1e-5:
+        out["layernorm_epsilon"] = glm.layernorm_epsilon
+    out.update(bos_token_id=glm.bos_token_id, mask_token_id=glm.mask_token_id, gmask_token_id=glm.gmask_token_id,
+               pad_token_id=glm.pad_token_id)
+    return out

@@ -4,7 +4,7 @@ import os
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from ..configuration import StrictConfig
-from ..llm.glm import GLMConfig, GLMModel
+from ..llm.glm import GLMConfig, GLMModel, GLMPositions
 from ..vision.image_encoder import ImageEncoderConfig
 from .base import VisionLanguageModel
 
@@ -69,8 +69,16 @@ class VisualGLMConfig(StrictConfig):
 class VisualGLMForConditionalGeneration(VisionLanguageModel):
     config_class = VisualGLMConfig
 
+    family = "visualglm"
+    # file names (without extension) of the split checkpoints the converter and the merge step write
+    split_files = {"vit": "visualglm_vit", "qformer": "visualglm_qformer", "llm": "visualglm_glm"}
+
     def build_llm(self, llm_config):
         return GLMModel(llm_config)
+
+    @staticmethod
+    def position_scheme(llm_config):
+        return GLMPositions.from_config(llm_config)
 
     @property
     def placeholder_id(self):

@@ -1,0 +1,296 @@
+"""The two VisualGLM conversion jobs behind convert_weight.py.
+
+to_mindspore: a SAT or HF-format release (auto-detected) -> the split MindSpore checkpoints, the
+    embedding-only checkpoint, manifest.json and one run YAML that run_infer.py takes as it is.
+to_hf: the checkpoints a run YAML names (e.g. after finetuning) -> the HF-format release (config.json,
+    .bin or .safetensors shards + index, the tokenizer files).
+
+Everything that can be wrong with the input (format, config, tokenizer, keys, shapes, the projection
+width) is checked before the first tensor is read; outputs appear only when everything is written.
+"""
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+
+import yaml
+from mindformers.models.build_config import build_model_config
+
+from ..finetune.lora import META_FORMAT as LORA_META_FORMAT, META_KEY as LORA_META_KEY
+from ..models.pretrained import config_to_yaml_dict
+from ..models.visualglm import VisualGLMForConditionalGeneration
+from ..registry import load_processor_from_yaml, read_run_config
+from ..tokenizers.chatglm import (PACKAGED_VOCAB_FILE, TOKENIZER_CONFIG_FILE, VOCAB_FILE_NAME,
+                                  ChatGLMTokenizer)
+from . import visualglm_hf, visualglm_sat
+from .engine import DTYPES, BackgroundHashes
+from .job import (MANIFEST, MINDSPORE_WRITERS, Timer, check_projection, manifest, mindspore_parts,
+                  model_parameter_shapes, source_bytes, write_hf_shards, write_plan)
+from .keymap import plan
+from .readers import ConversionError, Source, read_json, read_mindspore_ckpt, read_safetensors
+from .writers import CkptWriter, OutputFiles
+
+YAML_NAME = "run_visualglm.yaml"
+# part -> default file name (without extension) in the output folder
+PART_FILES = dict(VisualGLMForConditionalGeneration.split_files,
+                  llm_embedding="visualglm_glm_embedding", llm_lora="visualglm_glm_lora")
+YAML_KEYS = {"vit": "vit_checkpoint", "qformer": "qformer_checkpoint", "llm": "llm_checkpoint"}
+
+
+# ----------------------------------------------------------------------------------------- the source
+
+@dataclass(frozen=True)
+class Release:
+    """A detected source: its format module, the path given, and the folder beside its config."""
+
+    module: object
+    path: str
+    folder: str
+
+
+def detect(path):
+    """Which release `path` is: a SAT folder / .pt, or an HF folder / index / weight file."""
+    if not os.path.exists(path):
+        raise ConversionError(f"--torch_path {path} does not exist")
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "latest")) and os.path.isfile(os.path.join(path, "model_config.json")):
+            return Release(visualglm_sat, path, path)
+        if os.path.isfile(os.path.join(path, visualglm_hf.CONFIG_FILE)):
+            return Release(visualglm_hf, path, path)
+    elif os.path.isfile(visualglm_sat.model_config_path(path)) and not path.endswith((".bin", ".safetensors", ".json")):
+        return Release(visualglm_sat, path, os.path.dirname(visualglm_sat.model_config_path(path)))
+    elif os.path.isfile(visualglm_hf.config_path(path)):
+        return Release(visualglm_hf, path, os.path.dirname(path))
+    raise ConversionError(
+        f"cannot tell what {path} is: expected a VisualGLM SAT release (a folder with `latest` and "
+        f"model_config.json, or its {visualglm_sat.CHECKPOINT_FILE}) or an HF-format release (a folder with "
+        f"config.json and pytorch_model*.bin / *.safetensors, with their index json when sharded)")
+
+
+@dataclass(frozen=True)
+class TokenizerFiles:
+    vocab_file: str        # ice_text.model; None = the tiny tokenizer shipped with visual_mllm
+    num_image_tokens: int  # from tokenizer_config.json beside it (the published value is 0)
+    origin: str
+
+
+def tokenizer_files(vocab_file):
+    """ice_text.model (None = the packaged one) and the tokenizer_config.json beside it, if any: what to copy."""
+    vocab = vocab_file or PACKAGED_VOCAB_FILE
+    config = os.path.join(os.path.dirname(vocab), TOKENIZER_CONFIG_FILE)
+    return [vocab] + ([config] if os.path.isfile(config) else [])
+
+
+def find_tokenizer(tokenizer_arg, folder):
+    """--tokenizer (ice_text.model or its folder), else ice_text.model in the source folder, else the packaged one."""
+    if tokenizer_arg:
+        vocab = os.path.join(tokenizer_arg, VOCAB_FILE_NAME) if os.path.isdir(tokenizer_arg) else tokenizer_arg
+        if not os.path.isfile(vocab):
+            raise ConversionError(f"--tokenizer: {vocab} not found")
+        origin = "--tokenizer"
+    elif os.path.isfile(os.path.join(folder, VOCAB_FILE_NAME)):
+        vocab, origin = os.path.join(folder, VOCAB_FILE_NAME), "the source folder"
+    else:
+        return TokenizerFiles(None, 0, "visual_mllm's packaged tiny tokenizer")
+    vocab = os.path.abspath(vocab)
+    num_image_tokens = 0
+    config = os.path.join(os.path.dirname(vocab), TOKENIZER_CONFIG_FILE)
+    if os.path.isfile(config):
+        num_image_tokens = int(read_json(config).get("num_image_tokens", 0))
+    return TokenizerFiles(vocab, num_image_tokens, origin)
+
+
+def read_config(release, tokenizer):
+    """The VisualGLMConfig of a release (every size from its own config; <eop> from the tokenizer if absent)."""
+    if release.module is visualglm_sat:
+        try:
+            eos = ChatGLMTokenizer(vocab_file=tokenizer.vocab_file,
+                                   num_image_tokens=tokenizer.num_image_tokens).eos_token_id
+        except (RuntimeError, OSError, ValueError) as err:
+            raise ConversionError(f"cannot load the tokenizer {tokenizer.vocab_file} (from {tokenizer.origin}): "
+                                  f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        return visualglm_sat.model_config_path(release.path), visualglm_sat.config_from_sat(
+            visualglm_sat.read_model_config(release.path), eos)
+    return visualglm_hf.config_path(release.path), visualglm_hf.read_config(release.path)
+
+
+def run_yaml(config, checkpoints, tokenizer_vocab, num_image_tokens):
+    """The run YAML (as a dict) for a config, its checkpoint files {part: path} and tokenizer."""
+    model_config = config_to_yaml_dict(config)
+    for part, key in YAML_KEYS.items():
+        model_config[key] = checkpoints[part]
+    return {"seed": 0, "run_mode": "predict",
+            "model": {"model_config": model_config, "arch": {"type": VisualGLMForConditionalGeneration.__name__}},
+            "processor": {"type": "VisualGLMProcessor",
+                          "image_processor": {"type": "BlipImageProcessor",
+                                              "image_size": config.image_encoder_config.vit_config.image_size},
+                          "tokenizer": {"type": "ChatGLMTokenizer", "vocab_file": tokenizer_vocab,
+                                        "num_image_tokens": num_image_tokens}}}
+
+
+def yaml_text(data, header):
+    return "".join(f"# {line}\n" for line in header) + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def check_run_yaml(data, tokenizer):
+    """Build the processor of the YAML (tokenizer vs model special ids, image size, query tokens) before converting."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, YAML_NAME)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(yaml_text(data, []))
+        try:
+            load_processor_from_yaml(path)
+        except ValueError as err:
+            if tokenizer.vocab_file is None:
+                raise ConversionError(f"no {VOCAB_FILE_NAME} beside the source, and the tokenizer shipped with "
+                                      f"visual_mllm does not fit this model ({err}); pass --tokenizer "
+                                      f"/path/to/{VOCAB_FILE_NAME}") from None
+            raise ConversionError(f"the tokenizer ({tokenizer.vocab_file}, from {tokenizer.origin}) does not "
+                                  f"fit the model: {err}") from None
+
+
+# ----------------------------------------------------------------------------------------- to MindSpore
+
+def lora_meta(lora):
+    """The layout entry of a finetune LoRA checkpoint (finetune/lora.py) for kept SAT LoRA weights.
+
+    `load_lora_checkpoint(model, visualglm_glm_lora.ckpt)` then adds these LoRA layers to the model
+    loaded from the run YAML (optionally merging them).
+    """
+    return {"format": LORA_META_FORMAT, "rank": lora.kept_rank, "alpha": lora.kept_alpha, "dropout": 0.0,
+            "targets": lora.targets, "trainable": []}
+
+
+def writer_class(part, file_format):
+    """Kept LoRA weights are always a .ckpt: the finetune LoRA checkpoint format (it holds a text entry)."""
+    return CkptWriter if part == "llm_lora" else MINDSPORE_WRITERS[file_format]
+
+
+def output_files(output_dir, file_format, overrides, parts):
+    """{part: final path}: `<output_dir>/<default name>.<format>` unless the part's path is given."""
+    files = {}
+    for part in parts:
+        extension = writer_class(part, file_format).suffix
+        path = overrides.get(part) or os.path.join(output_dir, PART_FILES[part] + extension)
+        if not path.endswith(extension):
+            raise ConversionError(f"{path}: the output file of part {part} must end in {extension} (--format "
+                                  f"{file_format}; MindSpore picks the reader by the extension)")
+        files[part] = os.path.abspath(path)
+    return files
+
+
+def to_mindspore(torch_path, output_dir, dtype="auto", file_format="ckpt", tokenizer=None, part_paths=None,
+                 keep_lora=False, lora_alpha=None):
+    """Convert a VisualGLM release into output_dir; returns the path of the run YAML written there.
+
+    part_paths: {part: path} overriding where a part's checkpoint goes (vit, qformer, llm, llm_embedding).
+    """
+    timer = Timer()
+    output_dir = os.path.abspath(output_dir)
+    release = detect(torch_path)
+    tokenizer = find_tokenizer(tokenizer, release.folder)
+    config_file, config = read_config(release, tokenizer)
+    source = release.module.read_source(release.path)
+    lora = None
+    if release.module is visualglm_sat:
+        lora = visualglm_sat.detect_lora(source, visualglm_sat.read_model_config(release.path), lora_alpha)
+        rules = visualglm_sat.sat_rules(config, lora, keep_lora)
+        ignored = visualglm_sat.IGNORED
+    else:
+        rules, ignored = visualglm_hf.hf_rules(config), visualglm_hf.ignored_keys(config)
+    check_projection(source, rules, config.llm_config.hidden_size, config_file)
+    expected = model_parameter_shapes(VisualGLMForConditionalGeneration, config)
+    if lora is not None and keep_lora:
+        expected.update(lora.kept_shapes(config))
+    the_plan = plan(source, rules, ignored, expected, f"{source.description} (sizes from {config_file})")
+
+    parts = {part for name in the_plan.targets for part in mindspore_parts(name)}
+    files = output_files(output_dir, file_format, part_paths or {}, parts)
+    vocab_in_output = None if tokenizer.vocab_file is None else os.path.join(output_dir, VOCAB_FILE_NAME)
+    data = run_yaml(config, files, tokenizer.vocab_file, tokenizer.num_image_tokens)
+    check_run_yaml(data, tokenizer)
+    data["processor"]["tokenizer"]["vocab_file"] = vocab_in_output
+
+    hashes = BackgroundHashes(source.files)
+    try:
+        with OutputFiles() as outputs:
+            def writer_for(part, path, entries):
+                if part == "llm_lora":
+                    args = ({LORA_META_KEY: json.dumps(lora_meta(lora))},)
+                else:
+                    args = ({"format": "ms"},) if file_format == "safetensors" else ()
+                return outputs.writer(writer_class(part, file_format), path, entries, *args)
+
+            written = write_plan(the_plan, files, mindspore_parts, writer_for, DTYPES[dtype],
+                                 f"{release.module.FORMAT} -> MindSpore")
+            if tokenizer.vocab_file is not None:
+                for path in tokenizer_files(tokenizer.vocab_file):
+                    outputs.copy(path, os.path.join(output_dir, os.path.basename(path)))
+            yaml_path = os.path.join(output_dir, YAML_NAME)
+            outputs.write_text(yaml_path, yaml_text(data, [
+                f"VisualGLM converted by convert_weight.py from {release.path} ({release.module.FORMAT}).",
+                f"Sizes from {config_file}; see {MANIFEST} beside this file for the sources and outputs.",
+                f"python run_infer.py --config {os.path.abspath(yaml_path)} --image_path IMG --prompt \"...\""]))
+            extra = {"tokenizer": {"vocab_file": tokenizer.vocab_file, "from": tokenizer.origin,
+                                   "num_image_tokens": tokenizer.num_image_tokens}}
+            if lora is not None:
+                extra["lora"] = {"layers": list(lora.layers), "rank": lora.rank, "alpha": lora.alpha,
+                                 "scaling": lora.scaling, "mode": "kept" if keep_lora else "merged"}
+                if keep_lora:
+                    extra["lora"]["kept_as"] = lora_meta(lora)
+            record = manifest(release.module.FORMAT, the_plan, hashes.result(), written, dtype, file_format,
+                              data, extra)
+            outputs.write_text(os.path.join(output_dir, MANIFEST), json.dumps(record, indent=2) + "\n")
+            outputs.commit()
+    finally:
+        hashes.cancel()
+    print(f"converted {len(the_plan.used_keys)} of {len(source)} {release.module.FORMAT} tensors "
+          f"({len(the_plan.ignored)} ignored) into {len(written)} files: {timer.summary(source_bytes(source))}")
+    for part, info in sorted(written.items()):
+        print(f"  {part}: {info['path']} ({info['tensors']} tensors, {info['bytes'] / 1e6:.1f} MB)")
+    print(f"run it: python run_infer.py --config {yaml_path} --image_path IMG --prompt \"...\"")
+    return yaml_path
+
+
+# ----------------------------------------------------------------------------------------- to HF
+
+def read_mindspore_checkpoints(paths):
+    """The MindSpore checkpoint files of a run YAML as one Source (keys must not repeat across files)."""
+    tensors = {}
+    for path in paths:
+        found = read_safetensors(path) if path.endswith(".safetensors") else read_mindspore_ckpt(path)
+        twice = set(found) & set(tensors)
+        if twice:
+            raise ConversionError(f"{path} repeats parameters of another checkpoint: {sorted(twice)[:5]}")
+        tensors.update(found)
+    return Source(tensors, paths, f"MindSpore checkpoints {', '.join(paths)}")
+
+
+def to_hf(config_yaml, output_dir, dtype="auto", file_format="bin", max_shard_size=4 * 10 ** 9):
+    """Write the weights a run YAML names as the HF-format VisualGLM release into output_dir."""
+    timer = Timer()
+    run_config = read_run_config(config_yaml)
+    config = build_model_config(run_config.model.model_config)
+    checkpoints = config.checkpoint_files()
+    if not checkpoints:
+        raise ConversionError(f"{config_yaml} names no checkpoint (vit_checkpoint / qformer_checkpoint / "
+                              "llm_checkpoint or checkpoint_name_or_path): nothing to convert")
+    source = read_mindspore_checkpoints(checkpoints)
+    the_plan = plan(source, visualglm_hf.export_rules(config), (), None, f"{source.description} ({config_yaml})")
+    names = visualglm_hf.SAFETENSORS if file_format == "safetensors" else visualglm_hf.BIN
+    requested = DTYPES[dtype]
+    embedding_dtype = the_plan.targets["transformer.word_embeddings.weight"].dtype
+    torch_dtype = requested if requested is not None else embedding_dtype
+    tokenizer = run_config.processor.tokenizer if run_config.processor else None
+    with OutputFiles() as outputs:
+        written = write_hf_shards(the_plan, outputs, output_dir, file_format, names, requested, max_shard_size,
+                                  f"MindSpore -> {visualglm_hf.FORMAT}")
+        outputs.write_text(os.path.join(output_dir, visualglm_hf.CONFIG_FILE),
+                           json.dumps(visualglm_hf.hf_config_json(config, torch_dtype), indent=2) + "\n")
+        for path in tokenizer_files(tokenizer.vocab_file if tokenizer else None):
+            outputs.copy(path, os.path.join(output_dir, os.path.basename(path)))
+        outputs.commit()
+    print(f"wrote {len(the_plan.targets)} tensors of {len(checkpoints)} MindSpore checkpoint(s) as the "
+          f"{visualglm_hf.FORMAT} release in {output_dir} ({', '.join(written)}): {timer.summary(source_bytes(source))}")
+    return output_dir
