@@ -1,0 +1,10 @@
+"""LoRA-finetune a VisualGLM-family model (see --help; no arguments = the tiny demo on examples/finetune)."""
+import os
+import sys
+
+os.environ.setdefault("VISUAL_MLLM_HOME", os.path.dirname(os.path.abspath(__file__)))
+
+from visual_mllm.cli.finetune import main  # noqa: E402  (after VISUAL_MLLM_HOME is known)
+
+if __name__ == "__main__":
+    sys.exit(main())
