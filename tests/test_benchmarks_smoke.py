@@ -23,14 +23,21 @@ EXPECTED_ROWS = (
     + [f"PT decode / LLaMA bound, ctx {n}" for n in CONTEXTS]
     + [f"MS no-cache / cached decode, ctx {n}" for n in CONTEXTS]
 )
+CHAT_BATCHES = (1, 4)
+CHAT_ROWS = (
+    [f"{fw} {what}, batch {b}" for b in CHAT_BATCHES for fw in ("MS", "PT")
+     for what in ("image encoding", "time to first token", "decode")]
+    + [f"{ratio}, batch {b}" for b in CHAT_BATCHES for ratio in
+       ("MS / PT image encoding", "MS / PT time to first token", "PT / MS decode tokens/s")]
+)
 
 
-def table_rows(text):
-    """{benchmark name: cells} of the markdown table's llm_decode rows."""
+def table_rows(text, section="llm_decode"):
+    """{benchmark name: cells} of the markdown table's rows of one section."""
     rows = {}
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("|") and len(cells) == 7 and cells[0] == "llm_decode":
+        if line.startswith("|") and len(cells) == 7 and cells[0] == section:
             rows[cells[1]] = cells
     return rows
 
@@ -52,6 +59,11 @@ def test_quick_benchmark_prints_the_table(tmp_path):
     for name in EXPECTED_ROWS:
         float(rows[name][2])  # every median is a number
     assert table_rows(report.read_text(encoding="utf-8")) == rows  # --output holds the same table
+    chat_rows = table_rows(out, "chat_inference")
+    missing = [name for name in CHAT_ROWS if name not in chat_rows]
+    assert not missing, f"chat_inference rows missing from the table: {missing}\n{out}"
+    for name in CHAT_ROWS:
+        float(chat_rows[name][2])
 
 
 def test_list_and_unknown_section(tmp_path):

@@ -1,4 +1,7 @@
-"""run_infer.py as a user runs it: the built-in demo, and clear one-line errors (exit 2, no traceback)."""
+"""run_infer.py as a user runs it: the built-in demo, the example requests, and clear one-line errors
+(exit 2, no traceback). The tiny demo model needs no fixture; tests/test_run_infer_e2e.py checks the
+answers of a converted model against the reference."""
+import json
 import os
 import subprocess
 import sys
@@ -32,7 +35,29 @@ def test_text_only_and_several_requests_in_one_batch(tmp_path):
     assert "text-only" in result.stdout
 
 
-@pytest.mark.parametrize("case", ["missing_image", "corrupt_image", "prompt_too_long", "unknown_key", "bad_bool"])
+def test_example_inputs_in_pipeline_mode(tmp_path):
+    example = os.path.join(REPO_ROOT, "examples", "example_inputs.jsonl")
+    with open(example, encoding="utf-8") as f:
+        requests = [json.loads(line) for line in f if line.strip()]
+    assert len(requests) % 2, "an odd count exercises a last batch smaller than --batch_size"
+    out = tmp_path / "answers.jsonl"
+    result = run(tmp_path, "--mode", "pipeline", "--input_file", example, "--batch_size", "2",
+                 "--max_new_tokens", "4", "--do_sample", "False", "--output_file", str(out))
+    assert result.returncode == 0, result.stderr
+    with open(out, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    assert [{k: r[k] for k in request} for r, request in zip(records, requests)] == requests  # input order
+    assert len(records) == len(requests)
+    for record in records:
+        assert 1 <= len(record["generated_ids"]) <= 4 and isinstance(record["response"], str)
+        assert set(record["timings"]) >= {"image_encode_ms", "first_token_ms", "decode_tokens_per_s"}
+
+
+BAD_CASES = ["missing_image", "corrupt_image", "prompt_too_long", "unknown_key", "bad_bool", "jsonl_not_json",
+             "jsonl_missing_image", "jsonl_unknown_field", "missing_checkpoint", "missing_lora"]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
 def test_bad_input_is_one_clear_line(tmp_path, case):
     if case == "missing_image":
         args, expect = ["--image_path", str(tmp_path / "nope.png")], "nope.png"
@@ -46,8 +71,28 @@ def test_bad_input_is_one_clear_line(tmp_path, case):
                     encoding="utf-8").read().replace("seq_length: 128", "seq_lenght: 128")
         (tmp_path / "typo.yaml").write_text(text, encoding="utf-8")
         args, expect = ["--config", str(tmp_path / "typo.yaml")], "seq_lenght"
-    else:
+    elif case == "bad_bool":
         args, expect = ["--use_past", "maybe"], "maybe"
+    elif case == "jsonl_not_json":
+        (tmp_path / "in.jsonl").write_text('{"prompt": "a"}\n\n{"prompt": "b",\n', encoding="utf-8")
+        args, expect = ["--input_file", str(tmp_path / "in.jsonl")], "in.jsonl line 3: not valid JSON"
+    elif case == "jsonl_missing_image":
+        (tmp_path / "in.jsonl").write_text('{"prompt": "a"}\n{"prompt": "b", "image": "gone.png"}\n',
+                                           encoding="utf-8")
+        args, expect = ["--input_file", str(tmp_path / "in.jsonl")], "in.jsonl line 2: image file not found"
+    elif case == "jsonl_unknown_field":
+        (tmp_path / "in.jsonl").write_text('{"prompt": "a", "imgae": "x.png"}\n', encoding="utf-8")
+        args, expect = ["--input_file", str(tmp_path / "in.jsonl")], "in.jsonl line 1: unknown field(s) imgae"
+    elif case == "missing_checkpoint":
+        text = open(os.path.join(REPO_ROOT, "configs", "visualglm_tiny", "run_visualglm_tiny.yaml"),
+                    encoding="utf-8").read()
+        keys = "".join(f"\n    {key}: {tmp_path / 'gone.ckpt'}" for key in
+                       ("vit_checkpoint", "qformer_checkpoint", "llm_checkpoint"))
+        (tmp_path / "ckpt.yaml").write_text(text.replace("    seq_length: 128", "    seq_length: 128" + keys),
+                                            encoding="utf-8")
+        args, expect = ["--config", str(tmp_path / "ckpt.yaml")], "model_config.vit_checkpoint"
+    else:
+        args, expect = ["--lora_checkpoint", str(tmp_path / "no_lora.ckpt")], "--lora_checkpoint: not found"
     result = run(tmp_path, *args)
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert expect in result.stderr

@@ -1,15 +1,23 @@
-"""Answering requests: prompt building, image encoding, batched generation and post-processing.
+"""Answering requests: prompt building, image encoding, batched generation, timings and post-processing.
 
-Family-neutral: it uses the model's `generate_ids` and the processor's prompt builder, image
-processor and `decode_response`.
+Family-neutral: it uses the model's `encode_images` and `generator`, and the processor's prompt
+builder, image processor and `decode_response`. One batch goes through three steps, which both
+`answer` (the generate mode) and the mindformers pipeline (`visual_mllm.pipeline`) run:
+
+    prepare_batch -> generate_batch -> finish_batch
 """
-from dataclasses import dataclass, field
+import time
+from dataclasses import asdict, dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .generation.generator import PromptRow
+from .generation.generator import PromptRow, generate
 from .generation.streamer import TextStreamer
+
+
+class RequestError(ValueError):
+    """A request cannot be answered (unreadable image, prompt too long); the message says which request."""
 
 
 @dataclass
@@ -18,6 +26,27 @@ class ChatRequest:
     image: Optional[object] = None           # path, PIL image or array; None = text-only
     history: Sequence[Tuple[str, str]] = ()  # earlier (question, answer) turns
     english: bool = False
+    origin: Optional[str] = None             # where the request comes from (e.g. "in.jsonl line 3"), for errors
+
+
+@dataclass
+class Timings:
+    """How long one batch took, seen from one of its rows (all times in milliseconds).
+
+    first_token_ms counts from the moment the batch reaches the model (pixels preprocessed, prompts
+    tokenised): image encoding + prefill + choosing the first token. The first batch of a shape also
+    pays for compiling its graphs.
+    """
+
+    batch_size: int
+    image_encode_ms: Optional[float]       # None when no row of the batch has an image
+    first_token_ms: Optional[float]        # None when nothing was generated
+    new_tokens: int                        # tokens this row generated (the end token excluded)
+    decode_tokens_per_s: Optional[float]   # this row's tokens after the first / the time they took
+    total_ms: float
+
+    def as_dict(self, digits=2):
+        return {k: round(v, digits) if isinstance(v, float) else v for k, v in asdict(self).items()}
 
 
 @dataclass
@@ -26,35 +55,113 @@ class ChatResult:
     generated_ids: List[int]
     input_ids: List[int]
     history_used: List[Tuple[str, str]] = field(default_factory=list)  # turns kept to fit the context
+    timings: Optional[Timings] = None
+
+
+@dataclass
+class PreparedBatch:
+    requests: List[ChatRequest]
+    rows: List[PromptRow]
+    pixel_values: Optional[np.ndarray]      # [B,3,H,W] (zeros for text-only rows), None if no row has an image
+    kept_history: List[List[Tuple[str, str]]]
 
 
 def prepare(model, processor, request, max_new_tokens):
     """(PromptRow, pixel_values [3,H,W] or None, kept history) for one request.
 
     History turns are dropped oldest first until prompt + max_new_tokens fits seq_length; a query that
-    cannot fit even alone raises PromptTooLongError saying by how much.
+    cannot fit even alone raises PromptTooLongError saying by how much. With `request.origin` set,
+    errors are RequestErrors naming it.
     """
-    has_image = request.image is not None
-    budget = model.config.seq_length - max_new_tokens
-    kept, ids = processor.prompt_builder.fit_history(request.prompt, request.history, budget,
-                                                     has_image=has_image, english=request.english)
-    pixels = processor.image_processor(request.image)[0] if has_image else None
+    try:
+        has_image = request.image is not None
+        budget = model.config.seq_length - max_new_tokens
+        kept, ids = processor.prompt_builder.fit_history(request.prompt, request.history, budget,
+                                                         has_image=has_image, english=request.english)
+        pixels = processor.image_processor(request.image)[0] if has_image else None
+    except ValueError as err:
+        if request.origin is None:
+            raise
+        raise RequestError(f"{request.origin}: {err}") from err
     return PromptRow(list(ids.input_ids), ids.image_start), pixels, kept
 
 
-def answer(model, processor, requests, generation_config, stream=False, use_past=None):
-    """ChatResults for a batch of ChatRequests (one generation batch; rows may differ in length)."""
-    prepared = [prepare(model, processor, r, generation_config.max_new_tokens) for r in requests]
-    rows = [p[0] for p in prepared]
+def prepare_batch(model, processor, requests, max_new_tokens) -> PreparedBatch:
+    prepared = [prepare(model, processor, r, max_new_tokens) for r in requests]
     pixel_values = None
     if any(p[1] is not None for p in prepared):
         shape = next(p[1].shape for p in prepared if p[1] is not None)
         pixel_values = np.stack([np.zeros(shape, np.float32) if p[1] is None else p[1] for p in prepared])
+    return PreparedBatch(list(requests), [p[0] for p in prepared], pixel_values, [p[2] for p in prepared])
+
+
+class StepClock:
+    """A streamer hook (put/end, see generation/streamer.py) noting when each row received its tokens;
+    it passes every call on to `inner` (e.g. a TextStreamer)."""
+
+    def __init__(self, batch_size, start, inner=None):
+        self.start = start
+        self.inner = inner
+        self.first = None
+        self.counts = np.zeros(batch_size, np.int64)
+        self.last = [None] * batch_size
+        self.stop = None
+
+    def put(self, tokens):
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now
+        for b in np.nonzero(np.asarray(tokens) >= 0)[0]:
+            self.counts[b] += 1
+            self.last[b] = now
+        if self.inner is not None:
+            self.inner.put(tokens)
+
+    def end(self):
+        self.stop = time.perf_counter()
+        if self.inner is not None:
+            self.inner.end()
+
+    def timings(self, image_encode_s):
+        """One Timings per row."""
+        def ms(seconds):
+            return None if seconds is None else seconds * 1e3
+
+        first = None if self.first is None else self.first - self.start
+        out = []
+        for count, last in zip(self.counts, self.last):
+            rate = None
+            if count > 1 and last > self.first:
+                rate = (int(count) - 1) / (last - self.first)
+            out.append(Timings(len(self.counts), ms(image_encode_s), ms(first), int(count), rate,
+                               ms(self.stop - self.start)))
+        return out
+
+
+def generate_batch(model, processor, batch: PreparedBatch, generation_config, stream=False, use_past=None):
+    """(generated ids per row, Timings per row). With `stream`, row 0's answer is printed as it grows."""
     streamer = None
     if stream:
-        first = requests[0]
+        first_row, first_request = batch.rows[0], batch.requests[0]
         streamer = TextStreamer(
-            lambda ids: processor.decode_response(rows[0].ids, ids, first.english))
-    generated = model.generate_ids(rows, generation_config, pixel_values, streamer, use_past)
-    return [ChatResult(processor.decode_response(row.ids, ids, req.english), ids, row.ids, kept)
-            for row, ids, req, (_, _, kept) in zip(rows, generated, requests, prepared)]
+            lambda ids: processor.decode_response(first_row.ids, ids, first_request.english))
+    start = time.perf_counter()
+    image_embeds, encode_s = None, None
+    if batch.pixel_values is not None:
+        image_embeds = model.encode_images(batch.pixel_values)
+        encode_s = time.perf_counter() - start
+    clock = StepClock(len(batch.rows), start, streamer)
+    generated = generate(model.engine(use_past), batch.rows, generation_config, image_embeds, clock)
+    return generated, clock.timings(encode_s)
+
+
+def finish_batch(processor, batch: PreparedBatch, generated, timings) -> List[ChatResult]:
+    return [ChatResult(processor.decode_response(row.ids, ids, req.english), ids, row.ids, kept, t)
+            for row, ids, req, kept, t in zip(batch.rows, generated, batch.requests, batch.kept_history, timings)]
+
+
+def answer(model, processor, requests, generation_config, stream=False, use_past=None):
+    """ChatResults for a batch of ChatRequests (one generation batch; rows may differ in length)."""
+    batch = prepare_batch(model, processor, requests, generation_config.max_new_tokens)
+    generated, timings = generate_batch(model, processor, batch, generation_config, stream, use_past)
+    return finish_batch(processor, batch, generated, timings)

@@ -11,7 +11,8 @@ Registration (idempotent):
 
 * MindFormerRegister CONFIG: VisualGLMConfig, GLMConfig (by their modules), and here the sub-configs
   ImageEncoderConfig, EvaViTConfig, QFormerConfig; MODELS: VisualGLMForConditionalGeneration;
-  PROCESSOR: VisualGLMProcessor, BlipImageProcessor; TOKENIZER: ChatGLMTokenizer.
+  PROCESSOR: VisualGLMProcessor, BlipImageProcessor; TOKENIZER: ChatGLMTokenizer; PIPELINE: the
+  ``image_to_text_generation`` task (``pipeline.py``), also added to MindFormerBook's pipeline task table.
 * AutoConfig by ``model_type`` for every config; AutoModel and AutoProcessor for VisualGLMConfig.
 
 Tokenizer: ``vocab_file: null`` is ChatGLMTokenizer's own default, the tiny tokenizer shipped in
@@ -34,6 +35,7 @@ from mindformers.tools.register import MindFormerConfig, MindFormerModuleType, M
 from .llm.glm import GLMConfig
 from .models.processor import VisualGLMProcessor
 from .models.visualglm import VisualGLMConfig, VisualGLMForConditionalGeneration
+from .pipeline import register_task as register_pipeline_task
 from .processing.image import BlipImageProcessor
 from .tokenizers.chatglm import PACKAGED_VOCAB_FILE, ChatGLMTokenizer
 from .vision.eva_vit import EvaViTConfig
@@ -62,9 +64,18 @@ def register_all():
         AutoProcessor.register(config_cls, processor_cls, exist_ok=True)
     _register(MindFormerModuleType.PROCESSOR, BlipImageProcessor)
     _register(MindFormerModuleType.TOKENIZER, ChatGLMTokenizer)
+    register_pipeline_task()
 
 
 register_all()
+
+
+def family_model_class(family):
+    """The model class of a family name (as exported manifests record it)."""
+    for _, model_cls, _ in FAMILIES:
+        if model_cls.family == family:
+            return model_cls
+    raise ValueError(f"unknown model family {family!r}; known: {[m.family for _, m, _ in FAMILIES]}")
 
 
 # --- loading -----------------------------------------------------------------------------------------
@@ -78,12 +89,12 @@ def _merge(base, overrides):
     return base
 
 
-def _as_plain(value):
+def plain(value):
     """MindFormerConfig (nested) -> plain dicts."""
     if isinstance(value, dict):
-        return {key: _as_plain(val) for key, val in value.items()}
+        return {key: plain(val) for key, val in value.items()}
     if isinstance(value, list):
-        return [_as_plain(val) for val in value]
+        return [plain(val) for val in value]
     return value
 
 
@@ -98,12 +109,12 @@ def read_run_config(yaml_path, model_overrides=None, processor_overrides=None):
     if config.get("use_legacy", True) is False:
         raise ValueError(f"{yaml_path}: use_legacy: False is not supported by visual_mllm models")
     if model_overrides:
-        merged = _merge(_as_plain(config.model.model_config), model_overrides)
+        merged = _merge(plain(config.model.model_config), model_overrides)
         config.model.model_config = MindFormerConfig(**merged)
     if processor_overrides:
         if config.processor is None:
             raise ValueError(f"{yaml_path}: has no processor section to override")
-        merged = _merge(_as_plain(config.processor), processor_overrides)
+        merged = _merge(plain(config.processor), processor_overrides)
         config.processor = MindFormerConfig(**merged)
     return config
 

@@ -2,8 +2,14 @@
 
 With no arguments it runs the built-in demo: the tiny VisualGLM from configs/visualglm_tiny (random
 weights from a fixed seed, no download) on an example image, and prints its answer.
+
+Requests: --image_path/--prompt (repeat the flags for several), or --input_file with one JSON request
+per line, or --chat for an interactive session. Modes: generate (the model's generation API) or
+pipeline (mindformers.pipeline with visual_mllm's image_to_text_generation task); both give the same
+tokens.
 """
 import argparse
+import contextlib
 import os
 import sys
 
@@ -12,35 +18,62 @@ from .common import REPO_ROOT, add_device_args, fail_cleanly, set_device, str2bo
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "visualglm_tiny", "run_visualglm_tiny.yaml")
 DEFAULT_IMAGE = os.path.join(REPO_ROOT, "examples", "images", "chelsea.png")
 DEFAULT_PROMPT = "描述这张图片。"
+NO_IMAGE = ("", "none")
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=DEFAULT_CONFIG, help="model YAML (default: the tiny demo model)")
-    p.add_argument("--mode", default="generate", choices=["generate"], help="inference mode")
+    p.add_argument("--mode", default="generate", choices=["generate", "pipeline"],
+                   help="generate: the model's generation API; pipeline: mindformers.pipeline")
     p.add_argument("--image_path", action="append", default=None,
                    help="image file; repeat the flag for several requests ('' or 'none' = text-only)")
     p.add_argument("--prompt", action="append", default=None, help="question; repeat for several requests")
-    p.add_argument("--english", type=str2bool, default=False, help="English prompt format (Q:/A:)")
+    p.add_argument("--input_file", help="JSONL file, one request per line: "
+                   '{"image": ..., "prompt": ..., "history": [[q, a], ...], "english": false}')
+    p.add_argument("--output_file", help="write one JSONL record per request (request fields + response, "
+                   "generated_ids, timings), in input order")
+    p.add_argument("--chat", action="store_true", help="interactive multi-turn chat (--image_path: first image)")
+    p.add_argument("--english", type=str2bool, default=False,
+                   help="English prompt format (Q:/A:); the default of JSONL lines without \"english\"")
     p.add_argument("--batch_size", type=int, default=1, help="requests generated together")
     p.add_argument("--use_past", type=str2bool, default=None, help="KV cache (default: the YAML's use_past)")
     p.add_argument("--seq_length", type=int, default=None, help="context length (default: the YAML's)")
+    p.add_argument("--lora_checkpoint", default=None, help="LoRA weights to load on top of the model")
     p.add_argument("--max_new_tokens", type=int, default=64)
-    p.add_argument("--do_sample", type=str2bool, default=False,
-                   help="sample with the reference demo settings below; False = greedy")
+    p.add_argument("--do_sample", type=str2bool, default=True,
+                   help="sample with the reference demo settings below (default); False = greedy")
     p.add_argument("--top_k", type=int, default=100)
     p.add_argument("--top_p", type=float, default=0.4)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--repetition_penalty", type=float, default=1.2)
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
-    p.add_argument("--stream", type=str2bool, default=None, help="print tokens as they come (default: on a terminal)")
+    p.add_argument("--stream", type=str2bool, default=None,
+                   help="print tokens as they come (default: on a terminal); batches of one request only")
+    p.add_argument("--timings", action="store_true",
+                   help="print image encoding time, time to first token and tokens/s of every request")
     add_device_args(p)
     return p
 
 
-def requests_from_args(args):
-    from ..inference import ChatRequest
+def check_args(args):
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.input_file and (args.prompt or args.image_path):
+        raise ValueError("give requests either with --input_file or with --image_path/--prompt, not both")
+    if args.chat:
+        if args.input_file or args.prompt:
+            raise ValueError("--chat reads the questions from the terminal: drop --input_file/--prompt")
+        if args.image_path and len(args.image_path) > 1:
+            raise ValueError("--chat takes at most one --image_path (the first conversation's image)")
 
+
+def requests_from_args(args):
+    """[(fields, ChatRequest)] from --input_file or the repeated --image_path/--prompt flags."""
+    from ..request_file import read_requests, request_from_fields
+
+    if args.input_file:
+        return read_requests(args.input_file, default_english=args.english)
     prompts = args.prompt or [DEFAULT_PROMPT]
     images = args.image_path if args.image_path is not None else [DEFAULT_IMAGE]
     if len(images) == 1 and len(prompts) > 1:
@@ -50,8 +83,12 @@ def requests_from_args(args):
     if len(images) != len(prompts):
         raise ValueError(f"got {len(images)} --image_path and {len(prompts)} --prompt flags; give one of "
                          "each per request, or one of either to share")
-    return [ChatRequest(prompt=q, image=None if img.lower() in ("", "none") else img, english=args.english)
-            for q, img in zip(prompts, images)]
+    out = []
+    for number, (prompt, image) in enumerate(zip(prompts, images), 1):
+        fields = {"image": None if image.lower() in NO_IMAGE else image, "prompt": prompt, "history": [],
+                  "english": args.english}
+        out.append((fields, request_from_fields(fields, origin=f"request {number} (--image_path/--prompt)")))
+    return out
 
 
 def generation_config(args, eos_token_id):
@@ -65,26 +102,101 @@ def generation_config(args, eos_token_id):
                             eos_token_id=eos_token_id, seed=args.seed)
 
 
-@fail_cleanly
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    set_device(args)
-    from .. import load_from_yaml
+def load_lora(model, path):
+    """Load LoRA weights through the finetune package's loader (imported only when asked for)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--lora_checkpoint: not found: {path}")
+    try:
+        from ..finetune.lora import load_lora_checkpoint
+    except ImportError as err:
+        if getattr(err, "name", None) not in (None, "visual_mllm.finetune", "visual_mllm.finetune.lora"):
+            raise
+        raise ValueError("--lora_checkpoint needs visual_mllm.finetune.lora.load_lora_checkpoint, which this "
+                         "installation does not have yet") from err
+    load_lora_checkpoint(model, path)
+
+
+def make_runner(args, model, processor, gen):
+    """run(requests, stream) -> ChatResults, through the model's generation API or mindformers.pipeline."""
+    if args.mode == "pipeline":
+        from mindformers import pipeline
+
+        from ..pipeline import TASK
+
+        pipe = pipeline(task=TASK, model=model, processor=processor, tokenizer=processor.tokenizer,
+                        image_processor=processor.image_processor)
+        return lambda requests, stream: pipe(list(requests), batch_size=len(requests), generation_config=gen,
+                                             stream=stream)
     from ..inference import answer
 
-    overrides = {k: v for k, v in (("use_past", args.use_past), ("seq_length", args.seq_length)) if v is not None}
-    model, processor = load_from_yaml(args.config, **overrides)
-    requests = requests_from_args(args)
-    gen = generation_config(args, model.config.llm_config.eos_token_id)
-    stream = sys.stdout.isatty() if args.stream is None else args.stream
-    for start in range(0, len(requests), args.batch_size):
-        batch = requests[start:start + args.batch_size]
-        for req in batch:
-            print(f"[{'image: ' + str(req.image) if req.image is not None else 'text-only'}] {req.prompt}")
+    return lambda requests, stream: answer(model, processor, requests, gen, stream=stream)
+
+
+def describe(fields):
+    image = f"image: {fields['image']}" if fields.get("image") is not None else "text-only"
+    history = f", {len(fields['history'])} earlier turn(s)" if fields.get("history") else ""
+    return f"[{image}{history}] {fields['prompt']}"
+
+
+def format_timings(timings):
+    def show(value, unit):
+        return "-" if value is None else f"{value:.1f} {unit}"
+
+    return (f"timings: image encoding {show(timings.image_encode_ms, 'ms')}, first token "
+            f"{show(timings.first_token_ms, 'ms')}, {show(timings.decode_tokens_per_s, 'tokens/s')} "
+            f"after it ({timings.new_tokens} new tokens, batch of {timings.batch_size})")
+
+
+def answer_all(args, run, inputs, stream, report):
+    """Answer [(fields, request)] in batches of --batch_size, printing as it goes; report(fields, result)."""
+    from ..chat import dropped_note
+
+    for start in range(0, len(inputs), args.batch_size):
+        batch = inputs[start:start + args.batch_size]
+        for fields, _ in batch:
+            print(describe(fields))
         streaming = stream and len(batch) == 1
         if streaming:
             print("answer: ", end="", flush=True)
-        for result in answer(model, processor, batch, gen, stream=streaming):
+        results = run([request for _, request in batch], streaming)
+        for (fields, request), result in zip(batch, results):
             if not streaming:
                 print(f"answer: {result.response}")
+            if len(result.history_used) < len(request.history):
+                print(dropped_note(len(request.history) - len(result.history_used)))
+            report(fields, result)
+
+
+@fail_cleanly
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    inputs = [] if args.chat else requests_from_args(args)  # before the model: input errors come at once
+    with contextlib.ExitStack() as stack:
+        output = stack.enter_context(open(args.output_file, "w", encoding="utf-8")) if args.output_file else None
+        set_device(args)
+        from .. import load_from_yaml
+        from ..chat import ChatSession
+        from ..request_file import result_record, write_record
+
+        overrides = {k: v for k, v in (("use_past", args.use_past), ("seq_length", args.seq_length))
+                     if v is not None}
+        model, processor = load_from_yaml(args.config, **overrides)
+        if args.lora_checkpoint:
+            load_lora(model, args.lora_checkpoint)
+        run = make_runner(args, model, processor, generation_config(args, model.config.llm_config.eos_token_id))
+        stream = sys.stdout.isatty() if args.stream is None else args.stream
+
+        def report(fields, result):
+            if args.timings:
+                print(format_timings(result.timings))
+            if output is not None:
+                write_record(output, result_record(fields, result))
+
+        if args.chat:
+            image = args.image_path[0] if args.image_path else None
+            ChatSession(run, None if image is None or image.lower() in NO_IMAGE else image, args.english,
+                        stream, on_turn=report).loop()
+        else:
+            answer_all(args, run, inputs, stream, report)
     return 0
