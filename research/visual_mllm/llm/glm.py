@@ -73,6 +73,10 @@ class GLMPositions(PositionScheme):
         self.mask = mask_token_id
         self.gmask = gmask_token_id
 
+    @classmethod
+    def from_config(cls, config):
+        return cls(config.bos_token_id, config.mask_token_id, config.gmask_token_id)
+
     def _anchors(self, row):
         """(context_length, mask_position or None) of one prompt."""
         row = list(row)
@@ -185,7 +189,7 @@ class GLMModel(nn.Cell):
         self.layers = nn.CellList([GLMBlock(config) for _ in range(config.num_layers)])
         self.final_layernorm = LayerNorm(config.hidden_size, config.layernorm_epsilon)
         self.lm_head = dense(config.hidden_size, config.vocab_size, has_bias=False)
-        self.positions = GLMPositions(config.bos_token_id, config.mask_token_id, config.gmask_token_id)
+        self.positions = GLMPositions.from_config(config)
 
     def cache_shape(self, batch, seq_length):
         return (batch, self.config.num_heads, seq_length, self.config.head_dim)

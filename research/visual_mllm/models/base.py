@@ -48,7 +48,14 @@ class VisionLanguageModel(PretrainedIOMixin, PreTrainedModel):
         if checkpoints:
             load_checkpoints(self, checkpoints)
 
+    family = None  # short family name, recorded in exported manifests
+
     def build_llm(self, llm_config):
+        raise NotImplementedError
+
+    @staticmethod
+    def position_scheme(llm_config):
+        """The family's host-side PositionScheme (exported graphs need it without the model)."""
         raise NotImplementedError
 
     @property

@@ -1,0 +1,220 @@
+"""Exported graphs against eager inference, and every export/runtime error.
+
+Tiny random model (no fixtures needed): exported graphs give the eager tokens, single and batched,
+with and without the incremental graph; errors are clear. With the converted reference fixture: the
+exported graphs reproduce the reference tokens of every sample.
+"""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import REPO_ROOT, fixture_path, load_json
+
+TINY_YAML = os.path.join(REPO_ROOT, "configs", "visualglm_tiny", "run_visualglm_tiny.yaml")
+IMAGES = os.path.join(REPO_ROOT, "examples", "images")
+REQUESTS = [("描述这张图片。", os.path.join(IMAGES, "chelsea.png")), ("你好，请介绍一下你自己。", None),
+            ("这是什么？", os.path.join(IMAGES, "coffee.png"))]
+
+
+def export(model, processor, yaml_path, out, batch_size, seq_length, use_past):
+    from visual_mllm.export.exporter import export_model
+    from visual_mllm.registry import plain, read_run_config
+
+    section = plain(read_run_config(yaml_path).processor)
+    return export_model(model, section, processor.tokenizer, str(out), batch_size, seq_length, use_past,
+                        log=lambda _: None)
+
+
+def greedy(model, max_new_tokens=10):
+    from visual_mllm.generation.sampling import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=model.config.llm_config.eos_token_id)
+
+
+def prepared(processor, requests):
+    from visual_mllm.generation.generator import PromptRow
+
+    items = [processor(q, image=img) for q, img in requests]
+    rows = [PromptRow(i["input_ids"], i["image_start"]) for i in items]
+    shape = next(i["pixel_values"].shape[1:] for i in items if i["pixel_values"] is not None)
+    pixels = np.stack([np.zeros(shape, np.float32) if i["pixel_values"] is None else i["pixel_values"][0]
+                       for i in items])
+    return rows, pixels
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    import mindspore as ms
+    import visual_mllm
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    return visual_mllm.load_from_yaml(TINY_YAML)
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tiny, tmp_path_factory):
+    model, processor = tiny
+    out = tmp_path_factory.mktemp("tiny_export") / "bs2"
+    export(model, processor, TINY_YAML, out, batch_size=2, seq_length=96, use_past=True)
+    return out
+
+
+def test_manifest_describes_every_graph(tiny, tiny_export):
+    manifest = json.loads((tiny_export / "manifest.json").read_text())
+    assert set(manifest["graphs"]) == {"full", "inc", "image_encoder", "embedding"}
+    assert manifest["graphs"]["full"]["file"] == "mindir_full_checkpoint_bs_2_96/rank_0_graph.mindir"
+    assert manifest["graphs"]["inc"]["file"] == "mindir_inc_checkpoint_bs_2_96/rank_0_graph.mindir"
+    assert manifest["graphs"]["full"]["inputs"][0] == {"name": "inputs_embeds", "dtype": "float32",
+                                                       "shape": [2, 96, tiny[0].config.llm_config.hidden_size]}
+    assert manifest["kv_cache"]["shape"] == list(tiny[0].llm.cache_shape(2, 96))
+    assert manifest["special_ids"]["eos"] == tiny[0].config.llm_config.eos_token_id
+    assert (tiny_export / manifest["tokenizer"]).is_file()
+
+
+def test_exported_graphs_give_the_eager_tokens(tiny, tiny_export):
+    from visual_mllm.export.runtime import ExportedModel
+
+    model, processor = tiny
+    exported = ExportedModel(str(tiny_export))
+    rows, pixels = prepared(exported.load_processor(), REQUESTS)
+    assert [r.ids for r in rows] == [r.ids for r in prepared(processor, REQUESTS)[0]]
+    eager = [model.generate_ids([r], greedy(model), pixels[i:i + 1])[0] for i, r in enumerate(rows)]
+    single = [exported.generate_ids([r], greedy(model), pixels[i:i + 1])[0] for i, r in enumerate(rows)]
+    assert single == eager
+    # a full batch of 2 rows of different lengths, and a partial last batch (1 row padded to 2)
+    assert exported.generate_ids(rows[:2], greedy(model), pixels[:2]) == eager[:2]
+    np.testing.assert_allclose(exported.encode_images(pixels), model.encode_images(pixels), atol=1e-5)
+
+
+def test_full_graph_only_gives_the_same_tokens(tiny, tmp_path):
+    from visual_mllm.export.runtime import ExportedModel
+
+    model, processor = tiny
+    export(model, processor, TINY_YAML, tmp_path / "full_only", batch_size=1, seq_length=64, use_past=False)
+    exported = ExportedModel(str(tmp_path / "full_only"))
+    assert exported.inc is None and not (tmp_path / "full_only" / "mindir_inc_checkpoint_bs_1_64").exists()
+    rows, pixels = prepared(processor, REQUESTS[:1])
+    assert exported.generate_ids(rows, greedy(model), pixels) == model.generate_ids(rows, greedy(model), pixels)
+
+
+def test_shapes_that_were_not_exported_are_refused(tiny, tiny_export):
+    from visual_mllm.export.runtime import ExportedModel, ExportMismatchError
+    from visual_mllm.generation.generator import ContextOverflowError, PromptRow
+
+    model, processor = tiny
+    exported = ExportedModel(str(tiny_export))
+    rows, pixels = prepared(processor, REQUESTS)
+    with pytest.raises(ExportMismatchError, match="exported for batch_size 2"):
+        exported.generate_ids(rows, greedy(model), pixels)
+    long_row = PromptRow(rows[1].ids[:-2] * 8 + rows[1].ids[-2:])
+    with pytest.raises(ContextOverflowError, match="seq_length 96"):
+        exported.generate_ids([long_row], greedy(model))
+    with pytest.raises(ExportMismatchError, match=r"exported for \[2, 3, 56, 56\]"):
+        exported.run("image_encoder", np.zeros((2, 3, 32, 32), np.float32))
+
+
+def test_damaged_exports_are_refused(tiny_export, tmp_path):
+    from visual_mllm.export.runtime import ExportedModel, ExportMismatchError
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_export, copy)
+    graph = copy / "mindir_inc_checkpoint_bs_2_96" / "rank_0_graph.mindir"
+    size = graph.stat().st_size
+    graph.write_bytes(b"\0" * size)  # same size, not a MindIR any more
+    with pytest.raises(ExportMismatchError, match="cannot load MindIR file"):
+        ExportedModel(str(copy))
+    graph.write_bytes(b"\0" * (size - 1))
+    with pytest.raises(ExportMismatchError, match="do not belong together"):
+        ExportedModel(str(copy))
+    graph.unlink()
+    with pytest.raises(ExportMismatchError, match="is missing"):
+        ExportedModel(str(copy))
+    (copy / "manifest.json").unlink()
+    with pytest.raises(ExportMismatchError, match="no manifest.json"):
+        ExportedModel(str(copy))
+
+
+CFG_CASES = {
+    "good": ("[ascend_context]\nplugin_custom_ops=All\nprovider=ge\n[ge_session_options]\nge.exec.formatMode=1\n", None),
+    "no_equals": ("[ascend_context]\nprovider ge\n", "line 2"),
+    "unknown_section": ("[ascend_context]\nprovider=ge\n[ge_options]\na=1\n", "line 3"),
+    "before_section": ("provider=ge\n[ascend_context]\n", "line 1"),
+    "twice": ("[ascend_context]\nprovider=ge\nprovider=acl\n", "line 3"),
+    "no_ascend": ("[ge_session_options]\nge.exec.formatMode=1\n", "no \\[ascend_context\\]"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CFG_CASES))
+def test_context_cfg(case, tmp_path):
+    from visual_mllm.export.context_cfg import ContextConfigError, parse_context_cfg
+
+    text, error = CFG_CASES[case]
+    path = tmp_path / "context.cfg"
+    path.write_text(text)
+    if error is None:
+        assert parse_context_cfg(str(path))["ascend_context"]["provider"] == "ge"
+    else:
+        with pytest.raises(ContextConfigError, match=error):
+            parse_context_cfg(str(path))
+
+
+def test_shipped_context_cfg_parses():
+    from visual_mllm.export.context_cfg import parse_context_cfg
+
+    sections = parse_context_cfg(os.path.join(REPO_ROOT, "configs", "context.cfg"))
+    assert sections["ge_session_options"]["ge.exec.precision_mode"] == "must_keep_origin_dtype"
+
+
+# ----- against the reference fixture --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def reference():
+    return load_json("visualglm", "reference.json")
+
+
+def reference_rows(reference, processor):
+    from visual_mllm.generation.generator import PromptRow
+
+    rows, pixels = [], []
+    for sample in reference["samples"]:
+        image = str(fixture_path("visualglm", sample["image"])) if sample["image"] else None
+        item = processor(sample["query"], image=image, history=sample["history"], english=sample["english"])
+        assert item["input_ids"] == sample["input_ids"], sample["name"]
+        rows.append(PromptRow(item["input_ids"], item["image_start"]))
+        pixels.append(None if image is None else item["pixel_values"][0])
+    shape = next(p.shape for p in pixels if p is not None)
+    return rows, np.stack([np.zeros(shape, np.float32) if p is None else p for p in pixels])
+
+
+@pytest.mark.parametrize("batch_size,use_past", [(1, True), (1, False), (2, True)])
+def test_exported_reference_model_gives_the_reference_tokens(converted_visualglm, reference, tmp_path,
+                                                             batch_size, use_past):
+    import visual_mllm
+    from visual_mllm.export.runtime import ExportedModel
+    from visual_mllm.generation.sampling import GenerationConfig
+
+    yaml_path = str(next(converted_visualglm.glob("*.yaml")))
+    model, processor = visual_mllm.load_from_yaml(yaml_path)
+    longest = max(len(s["input_ids"]) for s in reference["samples"])
+    seq_length = longest + reference["n_new_tokens"]
+    export(model, processor, yaml_path, tmp_path / "x", batch_size, seq_length, use_past)
+    exported = ExportedModel(str(tmp_path / "x"))
+    rows, pixels = reference_rows(reference, exported.load_processor())
+    config = GenerationConfig(max_new_tokens=reference["n_new_tokens"],
+                              eos_token_id=model.config.llm_config.eos_token_id)
+    if batch_size == 1:
+        outputs = [exported.generate_ids([r], config, pixels[i:i + 1])[0] for i, r in enumerate(rows)]
+    else:  # rows of different lengths together, then the last one alone (padded to the batch)
+        outputs = exported.generate_ids(rows[:2], config, pixels[:2]) + exported.generate_ids(rows[2:], config, pixels[2:])
+    assert outputs == [s["generated_ids"] for s in reference["samples"]]
+    arrays = np.load(fixture_path("visualglm", "reference.npz"))
+    for k, sample in enumerate(reference["samples"]):
+        if sample["image"]:
+            np.testing.assert_allclose(exported.encode_images(pixels[k:k + 1])[0], arrays[f"s{k}_image_embeds"],
+                                       atol=1e-4)
+            np.testing.assert_allclose(exported.encode_images(pixels[k:k + 1]), model.encode_images(pixels[k:k + 1]),
+                                       atol=1e-5)
