@@ -218,3 +218,65 @@ def test_exported_reference_model_gives_the_reference_tokens(converted_visualglm
                                        atol=1e-4)
             np.testing.assert_allclose(exported.encode_images(pixels[k:k + 1]), model.encode_images(pixels[k:k + 1]),
                                        atol=1e-5)
+
+
+# ----- the command lines, as a user runs them ------------------------------------------------------
+
+def run_script(script, cwd, *args):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, LOCAL_DEFAULT_PATH=str(cwd / "output"))
+    return subprocess.run([sys.executable, os.path.join(REPO_ROOT, script), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="module")
+def lite_workdir(converted_visualglm, reference, tmp_path_factory):
+    """Exports the converted fixture with export_lite_model.py; writes samples.jsonl beside images/."""
+    folder = tmp_path_factory.mktemp("lite_cli")
+    os.symlink(fixture_path("visualglm", "images"), folder / "images")
+    lines = []
+    for s in reference["samples"]:
+        fields = {"prompt": s["query"], "history": s["history"], "english": s["english"]}
+        if s["image"]:
+            fields["image"] = s["image"]
+        lines.append(json.dumps(fields, ensure_ascii=False))
+    (folder / "samples.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    seq_length = max(len(s["input_ids"]) for s in reference["samples"]) + reference["n_new_tokens"]
+    config = str(next(converted_visualglm.glob("*.yaml")))
+    result = run_script("export_lite_model.py", folder, "--mode", "export", "--config", config, "--use_past", "True",
+                        "--seq_length", str(seq_length), "--batch_size", "2", "--output_dir", "lite")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[1/5]" in result.stdout  # progress is shown
+    return folder, seq_length
+
+
+@pytest.mark.parametrize("locate", ["export_dir", "graph_paths"])
+def test_lite_mode_cli_gives_the_reference_ids(lite_workdir, reference, locate):
+    folder, seq_length = lite_workdir
+    where = ["--export_dir", "lite"] if locate == "export_dir" else [
+        "--full_model_path", f"lite/mindir_full_checkpoint_bs_2_{seq_length}/rank_0_graph.mindir",
+        "--inc_model_path", f"lite/mindir_inc_checkpoint_bs_2_{seq_length}/rank_0_graph.mindir",
+        "--ge_config", os.path.join(REPO_ROOT, "configs", "context.cfg")]
+    result = run_script("run_infer.py", folder, "--mode", "lite", *where, "--input_file", "samples.jsonl",
+                        "--output_file", f"{locate}.jsonl", "--batch_size", "2", "--do_sample", "False",
+                        "--max_new_tokens", str(reference["n_new_tokens"]))
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (folder / f"{locate}.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["generated_ids"] for r in records] == [s["generated_ids"] for s in reference["samples"]]
+    assert [r["response"] for r in records] == [s["response"] for s in reference["samples"]]
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--batch_size", "3"], "larger than the graphs take"),
+    (["--seq_length", "7"], "does not match the graphs"),
+    (["--lora_checkpoint", "x.ckpt"], "export with export_lite_model.py --lora_checkpoint"),
+    (["--ge_config", "bad.cfg"], "bad.cfg line 2"),
+])
+def test_lite_mode_cli_errors(lite_workdir, flags, words):
+    folder, _ = lite_workdir
+    (folder / "bad.cfg").write_text("[ascend_context]\nprovider\n")
+    result = run_script("run_infer.py", folder, "--mode", "lite", "--export_dir", "lite", *flags)
+    assert result.returncode == 2, result.stdout
+    assert words in result.stderr and "Traceback" not in result.stderr

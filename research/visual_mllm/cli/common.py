@@ -6,6 +6,8 @@ import sys
 REPO_ROOT = os.environ.get("VISUAL_MLLM_HOME") or os.path.dirname(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "visualglm_tiny", "run_visualglm_tiny.yaml")
+
 
 def str2bool(value):
     text = str(value).strip().lower()
@@ -45,3 +47,29 @@ def fail_cleanly(main):
             return 130
 
     return wrapper
+
+
+def lora_checkpoint_for(config, flag):
+    """The LoRA file to load: the --lora_checkpoint flag ('none' = no LoRA), or, for the built-in demo
+    config, the packaged demo LoRA."""
+    if flag is not None:
+        return None if flag.lower() == "none" else flag
+    if os.path.realpath(config) == os.path.realpath(DEFAULT_CONFIG):
+        from ..finetune.demo import demo_lora_checkpoint
+
+        return demo_lora_checkpoint()
+    return None
+
+
+def load_yaml_model(config, lora_flag=None, **overrides):
+    """(model, processor) from a run YAML, with LoRA weights merged in when there are any."""
+    from .. import load_from_yaml
+    from ..finetune.lora import load_lora_checkpoint
+
+    model, processor = load_from_yaml(config, **overrides)
+    lora = lora_checkpoint_for(config, lora_flag)
+    if lora:
+        if not os.path.exists(lora):
+            raise FileNotFoundError(f"--lora_checkpoint: not found: {lora}")
+        load_lora_checkpoint(model, lora, merge=True)
+    return model, processor

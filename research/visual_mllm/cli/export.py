@@ -9,18 +9,22 @@ Run the result with `run_infer.py --mode lite --export_dir DIR` (add `--ge_confi
 import argparse
 import sys
 
-from .common import add_device_args, fail_cleanly, set_device, str2bool
+from .common import DEFAULT_CONFIG, add_device_args, fail_cleanly, load_yaml_model, set_device, str2bool
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", default="export", choices=["export"], help="what to do (export graphs)")
-    p.add_argument("--config", required=True, help="the model's run YAML (e.g. the one convert_weight.py writes)")
+    p.add_argument("--config", default=DEFAULT_CONFIG,
+                   help="the model's run YAML, e.g. the one convert_weight.py writes (default: the tiny demo)")
     p.add_argument("--use_past", type=str2bool, default=True,
                    help="also export the incremental (one-token, KV-cache) graph")
     p.add_argument("--seq_length", type=int, default=None, help="context S of the graphs (default: the YAML's)")
     p.add_argument("--batch_size", type=int, default=1, help="rows per call of every graph")
     p.add_argument("--output_dir", default="output", help="folder to write (replaced if it exists)")
+    p.add_argument("--lora_checkpoint", default=None,
+                   help="LoRA weights (run_finetune.py) merged into the model before export; the demo config "
+                        "uses the packaged demo LoRA unless this is 'none'")
     add_device_args(p)
     return p
 
@@ -29,13 +33,13 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     set_device(args)
-    from .. import load_from_yaml, read_run_config
+    from .. import read_run_config
     from ..export.exporter import export_model
     from ..registry import plain
 
     overrides = {} if args.seq_length is None else {"seq_length": args.seq_length}
     print(f"loading {args.config} ...", flush=True)
-    model, processor = load_from_yaml(args.config, **overrides)
+    model, processor = load_yaml_model(args.config, args.lora_checkpoint, **overrides)
     processor_section = plain(read_run_config(args.config).processor)
     export_model(model, processor_section, processor.tokenizer, args.output_dir, args.batch_size,
                  model.config.seq_length, use_past=args.use_past, log=lambda m: print(m, flush=True))

@@ -1,21 +1,23 @@
 """`run_infer.py`: answer image + prompt requests with a VisualGLM-family model.
 
 With no arguments it runs the built-in demo: the tiny VisualGLM from configs/visualglm_tiny (random
-weights from a fixed seed, no download) on an example image, and prints its answer.
+base weights from a fixed seed + the small LoRA finetuned on examples/finetune that ships in the
+package; no download) on an example image, and prints its answer.
 
 Requests: --image_path/--prompt (repeat the flags for several), or --input_file with one JSON request
-per line, or --chat for an interactive session. Modes: generate (the model's generation API) or
-pipeline (mindformers.pipeline with visual_mllm's image_to_text_generation task); both give the same
-tokens.
+per line, or --chat for an interactive session. Modes: generate (the model's generation API),
+pipeline (mindformers.pipeline with visual_mllm's image_to_text_generation task) or lite (graphs
+written by export_lite_model.py, through MindSpore Lite when installed, else MindSpore's MindIR
+runtime); all give the same tokens.
 """
 import argparse
 import contextlib
 import os
 import sys
 
-from .common import REPO_ROOT, add_device_args, fail_cleanly, set_device, str2bool
+from .common import (DEFAULT_CONFIG, REPO_ROOT, add_device_args, fail_cleanly, load_yaml_model, set_device,
+                     str2bool)
 
-DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "visualglm_tiny", "run_visualglm_tiny.yaml")
 DEFAULT_IMAGE = os.path.join(REPO_ROOT, "examples", "images", "chelsea.png")
 DEFAULT_PROMPT = "描述这张图片。"
 NO_IMAGE = ("", "none")
@@ -24,8 +26,14 @@ NO_IMAGE = ("", "none")
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=DEFAULT_CONFIG, help="model YAML (default: the tiny demo model)")
-    p.add_argument("--mode", default="generate", choices=["generate", "pipeline"],
-                   help="generate: the model's generation API; pipeline: mindformers.pipeline")
+    p.add_argument("--mode", default="generate", choices=["generate", "pipeline", "lite"],
+                   help="generate: the model's generation API; pipeline: mindformers.pipeline; "
+                        "lite: exported graphs (--export_dir or --full_model_path)")
+    p.add_argument("--export_dir", help="lite mode: a folder written by export_lite_model.py")
+    p.add_argument("--full_model_path", help="lite mode: the exported full (prefill) graph; its manifest is "
+                   "found in the export folder above it")
+    p.add_argument("--inc_model_path", help="lite mode: the exported incremental graph (default: the manifest's)")
+    p.add_argument("--ge_config", help="lite mode on Ascend: MindSpore Lite context.cfg")
     p.add_argument("--image_path", action="append", default=None,
                    help="image file; repeat the flag for several requests ('' or 'none' = text-only)")
     p.add_argument("--prompt", action="append", default=None, help="question; repeat for several requests")
@@ -39,7 +47,9 @@ def build_parser():
     p.add_argument("--batch_size", type=int, default=1, help="requests generated together")
     p.add_argument("--use_past", type=str2bool, default=None, help="KV cache (default: the YAML's use_past)")
     p.add_argument("--seq_length", type=int, default=None, help="context length (default: the YAML's)")
-    p.add_argument("--lora_checkpoint", default=None, help="LoRA weights to load on top of the model")
+    p.add_argument("--lora_checkpoint", default=None,
+                   help="LoRA weights (run_finetune.py) to load on top of the model; the demo config uses the "
+                        "packaged demo LoRA unless this is 'none'")
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--do_sample", type=str2bool, default=True,
                    help="sample with the reference demo settings below (default); False = greedy")
@@ -59,6 +69,15 @@ def build_parser():
 def check_args(args):
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be at least 1, got {args.batch_size}")
+    lite_flags = [f for f in ("export_dir", "full_model_path", "inc_model_path", "ge_config") if getattr(args, f)]
+    if args.mode == "lite":
+        if not (args.export_dir or args.full_model_path):
+            raise ValueError("--mode lite needs --export_dir DIR or --full_model_path FILE")
+        if args.lora_checkpoint and args.lora_checkpoint.lower() != "none":
+            raise ValueError("--mode lite runs exported graphs: export with export_lite_model.py "
+                             "--lora_checkpoint to include LoRA weights")
+    elif lite_flags:
+        raise ValueError(f"--{lite_flags[0]} belongs to --mode lite")
     if args.input_file and (args.prompt or args.image_path):
         raise ValueError("give requests either with --input_file or with --image_path/--prompt, not both")
     if args.chat:
@@ -102,18 +121,17 @@ def generation_config(args, eos_token_id):
                             eos_token_id=eos_token_id, seed=args.seed)
 
 
-def load_lora(model, path):
-    """Load LoRA weights through the finetune package's loader (imported only when asked for)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--lora_checkpoint: not found: {path}")
-    try:
-        from ..finetune.lora import load_lora_checkpoint
-    except ImportError as err:
-        if getattr(err, "name", None) not in (None, "visual_mllm.finetune", "visual_mllm.finetune.lora"):
-            raise
-        raise ValueError("--lora_checkpoint needs visual_mllm.finetune.lora.load_lora_checkpoint, which this "
-                         "installation does not have yet") from err
-    load_lora_checkpoint(model, path)
+def load_model(args):
+    """(model, processor) for the chosen mode: an eager model from YAML, or exported graphs."""
+    if args.mode == "lite":
+        from ..export.runtime import ExportedModel, pick_backend
+
+        exported = ExportedModel.locate(args.export_dir, args.full_model_path, args.inc_model_path,
+                                        pick_backend(args.ge_config, args.device_target, args.device_id))
+        exported.check_request(args.batch_size, args.seq_length, args.use_past)
+        return exported, exported.load_processor()
+    overrides = {k: v for k, v in (("use_past", args.use_past), ("seq_length", args.seq_length)) if v is not None}
+    return load_yaml_model(args.config, args.lora_checkpoint, **overrides)
 
 
 def make_runner(args, model, processor, gen):
@@ -175,15 +193,10 @@ def main(argv=None):
     with contextlib.ExitStack() as stack:
         output = stack.enter_context(open(args.output_file, "w", encoding="utf-8")) if args.output_file else None
         set_device(args)
-        from .. import load_from_yaml
         from ..chat import ChatSession
         from ..request_file import result_record, write_record
 
-        overrides = {k: v for k, v in (("use_past", args.use_past), ("seq_length", args.seq_length))
-                     if v is not None}
-        model, processor = load_from_yaml(args.config, **overrides)
-        if args.lora_checkpoint:
-            load_lora(model, args.lora_checkpoint)
+        model, processor = load_model(args)
         run = make_runner(args, model, processor, generation_config(args, model.config.llm_config.eos_token_id))
         stream = sys.stdout.isatty() if args.stream is None else args.stream
 

@@ -189,6 +189,36 @@ class ExportedModel:
                        "embedding": self.backend.load(os.path.join(export_dir, graphs["embedding"]["file"]))}
         self._engine = ExportedEngine(self)
 
+    @classmethod
+    def locate(cls, export_dir=None, full_path=None, inc_path=None, backend=None):
+        """Open an export by its folder, or by the seed-era graph paths (the manifest is found beside them)."""
+        if export_dir is None:
+            if not os.path.isfile(full_path):
+                raise ExportMismatchError(f"--full_model_path: not found: {full_path}")
+            export_dir = os.path.dirname(os.path.dirname(os.path.abspath(full_path)))
+            if not os.path.isfile(os.path.join(export_dir, MANIFEST)):
+                raise ExportMismatchError(f"no {MANIFEST} beside {full_path} (looked in {export_dir}): pass the "
+                                          "folder export_lite_model.py wrote, unchanged")
+        for name, path in (("full", full_path), ("inc", inc_path)):
+            if path is not None:
+                expected = read_manifest(export_dir)["graphs"].get(name)
+                if expected is None or os.path.getsize(path) != expected["bytes"]:
+                    raise ExportMismatchError(f"{path} is not the {name} graph listed in {export_dir}/{MANIFEST}")
+        return cls(export_dir, backend, full_path, inc_path)
+
+    def check_request(self, batch_size=None, seq_length=None, use_past=None):
+        """Refuse run settings the graphs were not exported for, saying what was exported."""
+        exported = f"(exported: batch_size {self.batch_size}, seq_length {self.manifest['seq_length']}, " \
+                   f"incremental graph {'yes' if self.inc is not None else 'no'})"
+        if batch_size is not None and batch_size > self.batch_size:
+            raise ExportMismatchError(f"--batch_size {batch_size} is larger than the graphs take {exported}")
+        if seq_length is not None and seq_length != self.manifest["seq_length"]:
+            raise ExportMismatchError(f"--seq_length {seq_length} does not match the graphs {exported}")
+        if use_past and self.inc is None:
+            raise ExportMismatchError(f"--use_past True needs the incremental graph {exported}")
+        if use_past is False:
+            self._engine.use_past = False  # re-run the full graph for every token
+
     def load_processor(self):
         """The processor the model was exported with (tokenizer copied into the export folder)."""
         from ..registry import load_processor_from_yaml
