@@ -8,7 +8,9 @@
 The output folder gets lora.ckpt (trainable weights only; run_infer.py --lora_checkpoint loads it),
 checkpoints/ (resumable), train_log.csv, loss_curve.png and summary.json; with --merge also merged/
 (split checkpoints + run_merged.yaml for run_infer.py --config). Under msrun every worker runs this
-same command and trains its shard of each global batch (data parallel).
+same command and trains its shard of each global batch (data parallel); on one host start them with
+    bash run_singlenode.sh "python run_finetune.py --config ..." <rank_table.json or any name on CPU> "[0,2)" 2
+(logs in output/log/rank_<r>/run.log; each rank ends its log with a `timing:` line).
 """
 import argparse
 import os
@@ -43,6 +45,9 @@ def build_parser():
     p.add_argument("--device_id", type=int, default=None, help="device (default: $DEVICE_ID or 0)")
     p.add_argument("--graph_mode", type=str2bool, default=True,
                    help="compile the train step (graph mode); False = PyNative, for debugging")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU kernel threads of this process (default: MindSpore's); with several workers on "
+                        "one CPU host, e.g. cores / workers")
     return p
 
 
@@ -72,6 +77,12 @@ def main(argv=None):
         return validate_only(args)
     if args.device_id is None:
         args.device_id = int(os.environ.get("DEVICE_ID", "0") or 0)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {args.threads}")
+        import mindspore as ms
+
+        ms.device_context.cpu.op_tuning.threads_num(args.threads)
     set_device(args)
     from ..finetune.trainer import RunOptions, finetune
 

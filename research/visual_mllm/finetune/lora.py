@@ -36,6 +36,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn
 
+from ..models.weights import save_split_checkpoints, shape_mismatches
+
 META_KEY = "visual_mllm_lora"
 META_FORMAT = 1
 LORA_PARAMS = ("mindpet_delta_lora_a", "mindpet_delta_lora_b")
@@ -361,17 +363,8 @@ def load_lora_checkpoint(model, path, merge=False, compute_dtype="float32"):
         if name not in params:
             raise LoraCheckpointError(f"{path}: trained parameter {name!r} is not a parameter of the model")
         expected[name] = tuple(params[name].shape)
-    missing = sorted(set(expected) - set(arrays))
-    unexpected = sorted(set(arrays) - set(expected))
-    wrong = [f"{n} {tuple(arrays[n].shape)} != {tuple(expected[n])}" for n in expected
-             if n in arrays and tuple(arrays[n].shape) != tuple(expected[n])]
-    problems = []
-    if missing:
-        problems.append(f"missing: {_summarise(missing)}")
-    if unexpected:
-        problems.append(f"not described by its layout: {_summarise(unexpected)}")
-    if wrong:
-        problems.append(f"wrong shape: {_summarise(wrong)}")
+    problems = shape_mismatches(expected, {n: a.shape for n, a in arrays.items()}, "missing",
+                                "not described by its layout")
     if problems:
         raise LoraCheckpointError(f"{path} does not fit {type(model).__name__}: " + "; ".join(problems))
     fresh = [t for t in targets if not _is_lora(cells[t])]
@@ -415,8 +408,6 @@ def merge_lora(model):
 
 def save_merged_model(model, output_dir, file_names=None):
     """Merge LoRA (if any) and write the split checkpoints (ViT / Q-Former / LLM) to output_dir."""
-    from ..models.weights import save_split_checkpoints
-
     merge_lora(model)
     names = file_names or {part: stem + ".ckpt" for part, stem in model.split_files.items()}
     return save_split_checkpoints(model, output_dir, dict(names))

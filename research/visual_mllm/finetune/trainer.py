@@ -1,6 +1,8 @@
 """The finetuning run: model + LoRA, data, the compiled train step, checkpoints, logs and resuming.
 
-`finetune(options)` is what `run_finetune.py` runs. Under `msrun` (or with RANK_SIZE > 1) it joins the
+`finetune(options)` is what `run_finetune.py` runs. Started by `run_singlenode.sh` (MindSpore's dynamic
+cluster on CPU: MS_ROLE/MS_NODE_ID/MS_WORKER_NUM/MS_SCHED_HOST/MS_SCHED_PORT; a rank table on Ascend),
+by `msrun`, or with RANK_SIZE > 1, it joins the
 data-parallel group first: `mindspore.communication.init()`, `DATA_PARALLEL` with gradient mean, each
 rank training on its shard of every global batch (see `datasets.BatchSource`), so all ranks keep
 identical weights. Rank 0 writes the logs, the PNG and the final LoRA checkpoint; every rank keeps
@@ -30,6 +32,7 @@ PNG_NAME = "loss_curve.png"
 SUMMARY_NAME = "summary.json"
 MERGED_DIR = "merged"
 MERGED_YAML = "run_merged.yaml"
+TIMING_PREFIX = "timing:"  # the per-rank line printed after training (benchmarks parse it)
 
 
 @dataclass
@@ -322,6 +325,10 @@ def finetune(options: RunOptions) -> RunResult:
     if times:
         result.step_time_s = float(np.median(times))
         result.samples_per_s = batches.global_batch / result.step_time_s
+        if not options.quiet:  # every rank, in its own log (run_singlenode.sh: output/log/rank_<r>/run.log)
+            print(f"{TIMING_PREFIX} rank {rank} of {world}: median step {result.step_time_s * 1e3:.2f} ms over "
+                  f"{len(times)} steps after the first ({first_step_s:.2f} s); {result.samples_per_s:.2f} "
+                  f"samples/s at global batch {batches.global_batch}", flush=True)
     if done < runner.max_steps:
         _say(options, rank, f"stopped after step {done} of {runner.max_steps} (--stop_at_step); "
                             "continue with --resume")
@@ -348,4 +355,4 @@ def finetune(options: RunOptions) -> RunResult:
 
 
 __all__ = ["RunOptions", "RunResult", "finetune", "merge_only", "merge_and_save", "write_inference_yaml",
-           "init_data_parallel", "CSV_NAME", "PNG_NAME", "MERGED_YAML"]
+           "init_data_parallel", "CSV_NAME", "PNG_NAME", "MERGED_YAML", "TIMING_PREFIX"]

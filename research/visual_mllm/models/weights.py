@@ -21,10 +21,30 @@ class CheckpointMismatchError(ValueError):
     """Checkpoint keys and model parameters do not correspond one to one."""
 
 
-def _names(keys, limit=10):
+def summarise(keys, limit=10):
+    """'a, b, c ... and N more' of sorted keys, for error messages."""
     keys = sorted(keys)
     more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
+
+
+def shape_mismatches(expected, given, missing_label, unexpected_label, where=lambda name: ""):
+    """Problems (strings) between expected {name: shape} and given {name: shape}; [] when they match.
+
+    where(name) may say where a given entry came from (e.g. " in file.ckpt").
+    """
+    missing = set(expected) - set(given)
+    unexpected = set(given) - set(expected)
+    wrong = [f"{n} {tuple(given[n])}{where(n)} != model {tuple(expected[n])}"
+             for n in set(given) & set(expected) if tuple(given[n]) != tuple(expected[n])]
+    problems = []
+    if missing:
+        problems.append(f"{missing_label}: {summarise(missing)}")
+    if unexpected:
+        problems.append(f"{unexpected_label}: {summarise(unexpected)}")
+    if wrong:
+        problems.append(f"wrong shape: {summarise(wrong)}")
+    return problems
 
 
 def read_checkpoint(path):
@@ -47,17 +67,9 @@ def load_checkpoints(model, paths):
             if name in given:
                 raise CheckpointMismatchError(f"parameter {name} is in both {origin[name]} and {path}")
             given[name], origin[name] = array, path
-    unexpected = set(given) - set(expected)
-    missing = set(expected) - set(given)
-    wrong = [f"{n} {tuple(given[n].shape)} in {origin[n]} != model {tuple(expected[n].shape)}"
-             for n in set(given) & set(expected) if tuple(given[n].shape) != tuple(expected[n].shape)]
-    problems = []
-    if missing:
-        problems.append(f"missing from the checkpoint(s): {_names(missing)}")
-    if unexpected:
-        problems.append(f"not parameters of the model: {_names(unexpected)}")
-    if wrong:
-        problems.append(f"wrong shape: {_names(wrong)}")
+    problems = shape_mismatches({n: p.shape for n, p in expected.items()}, {n: a.shape for n, a in given.items()},
+                                "missing from the checkpoint(s)", "not parameters of the model",
+                                where=lambda n: f" in {origin[n]}")
     if problems:
         raise CheckpointMismatchError(f"cannot load {', '.join(paths)} into {type(model).__name__}: "
                                       + "; ".join(problems))
