@@ -59,7 +59,7 @@ def run_config(s):
 
 
 MEMORY_PROBE = """
-import resource, sys
+import sys
 import mindspore as ms
 ms.set_context(mode=ms.GRAPH_MODE)
 import visual_mllm
@@ -73,7 +73,9 @@ else:
     model = ExportedModel(target)
     processor = model.load_processor()
 answer(model, processor, [ChatRequest("describe", image)], GenerationConfig(max_new_tokens=8))
-print("peak_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+# VmHWM: this process's own peak (ru_maxrss would include the parent's size at fork time)
+with open("/proc/self/status", encoding="utf-8") as status:
+    print("peak_mb", int(status.read().split("VmHWM:")[1].split()[0]) / 1024)
 """
 
 
