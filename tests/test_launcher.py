@@ -1,6 +1,7 @@
 """run_singlenode.sh and the rank-table tools: generation, validation, per-rank processes, failures."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -147,8 +148,84 @@ def test_cpu_workers_form_one_cluster(tmp_path):
     assert "rank 1 of 2: sum 3.0" in read_log(tmp_path, "rank_1")
 
 
+AFFINITY = f"{sys.executable} -c \"import os; print('cores', sorted(os.sched_getaffinity(0)))\""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 or shutil.which("taskset") is None,
+                    reason="needs 2 usable cores and taskset")
+def test_cpu_workers_get_their_share_of_the_cores(tmp_path, monkeypatch):
+    cores = sorted(os.sched_getaffinity(0))
+    half = len(cores) // 2
+    result = launch(tmp_path, AFFINITY, "msrun", device_range="[0,2)")
+    assert result.returncode == 0, result.stderr
+    assert f"cores {cores[:half]}" in read_log(tmp_path, "rank_0")
+    assert f"cores {cores[half:2 * half]}" in read_log(tmp_path, "rank_1")
+    assert f"cores {cores}" in read_log(tmp_path, "scheduler")  # the scheduler is not pinned
+    monkeypatch.setenv("BIND_CORES", "0")
+    result = launch(tmp_path, AFFINITY, "msrun", device_range="[0,2)")
+    assert result.returncode == 0, result.stderr
+    assert f"cores {cores}" in read_log(tmp_path, "rank_0") and f"cores {cores}" in read_log(tmp_path, "rank_1")
+
+
 def test_a_failing_cpu_worker_fails_the_launch(tmp_path):
     (tmp_path / "worker.py").write_text(WORKER)
     result = launch(tmp_path, f"{sys.executable} worker.py 1", "msrun", device_range="[0,2)")
     assert result.returncode != 0
     assert "rank_1 exited" in result.stderr
+
+
+STUBBORN = """
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # like a rank blocked in a collective whose peer died
+with open(f"pid_{os.environ['RANK_ID']}.partial", "w") as f:
+    f.write(str(os.getpid()))
+os.replace(f"pid_{os.environ['RANK_ID']}.partial", f"pid_{os.environ['RANK_ID']}")
+time.sleep(300)
+"""
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is not running (reaped by init soon)
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_ranks_that_ignore_sigterm_are_killed_after_the_grace_period(tmp_path):
+    """rank_1 fails; rank_0 ignores SIGTERM inside a compound command (bash stays its parent): the whole
+    process group gets SIGKILL STOP_GRACE_SECONDS later, and the launch ends with rank_1's failure."""
+    (tmp_path / "stubborn.py").write_text(STUBBORN)
+    command = (f'if [ "$RANK_ID" = 1 ]; then until [ -f pid_0 ]; do sleep 0.1; done; exit 3; fi; '
+               f'{sys.executable} stubborn.py; echo after')  # rank 1 fails once rank 0 ignores SIGTERM
+    env = dict(os.environ, VISUAL_MLLM_LAUNCHER="ascend", PYTHON=sys.executable, STOP_GRACE_SECONDS="2")
+    table = tmp_path / "table.json"
+    table.write_text(json.dumps(good_table()))
+    result = subprocess.run(["bash", SCRIPT, command, str(table), "[0,2)", "2"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert "rank_1 exited with status 3" in result.stderr
+    assert "still running 2s after SIGTERM, killing: rank_0" in result.stderr
+    assert not alive(int((tmp_path / "pid_0").read_text()))
+    assert "after" not in read_log(tmp_path, "rank_0")
+
+
+def test_ctrl_c_stops_every_rank(tmp_path):
+    import signal
+    import time
+
+    (tmp_path / "stubborn.py").write_text(STUBBORN.replace("signal.signal(signal.SIGTERM, signal.SIG_IGN)", ""))
+    env = dict(os.environ, VISUAL_MLLM_LAUNCHER="ascend", PYTHON=sys.executable, STOP_GRACE_SECONDS="30")
+    table = tmp_path / "table.json"
+    table.write_text(json.dumps(good_table()))
+    proc = subprocess.Popen(["bash", SCRIPT, f"{sys.executable} stubborn.py", str(table), "[0,2)", "2"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not all((tmp_path / f"pid_{r}").is_file() for r in (0, 1)):
+        time.sleep(0.1)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "SIGINT received, stopping every process" in stderr, stderr
+    assert not any(alive(int((tmp_path / f"pid_{r}").read_text())) for r in (0, 1))
