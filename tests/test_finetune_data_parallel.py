@@ -1,17 +1,21 @@
-"""Data parallel under msrun: two CPU workers running run_finetune.py end with identical weights on both
-ranks, equal (fp32 tolerance) to one process training on the same global batch, with the same losses."""
+"""Data parallel through the launcher: `bash run_singlenode.sh "python run_finetune.py ..." ... "[0,2)" 2` starts
+two CPU workers of MindSpore's dynamic cluster (plus its scheduler); they end with identical weights on
+both ranks, equal (fp32 tolerance) to one process training on the same global batch, with the same
+losses. A run_finetune.py that fails on one rank only (a dataset only that rank reads has a bad row)
+makes the launch fail, naming that rank, and the other rank is stopped."""
 import csv
+import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCHER = os.path.join(REPO, "run_singlenode.sh")
 LORA_TINY = os.path.join(REPO, "configs", "visualglm_tiny", "lora.yaml")
+EXAMPLES = os.path.join(REPO, "examples", "finetune", "dataset.json")
 STEPS = 6
 
 
@@ -32,25 +36,39 @@ def weights(path):
     return {k: v.asnumpy() for k, v in ms.load_checkpoint(path).items() if hasattr(v, "asnumpy")}
 
 
-def test_two_msrun_workers_match_one_process(tmp_path):
-    msrun = shutil.which("msrun") or os.path.join(os.path.dirname(sys.executable), "msrun")
-    if not os.path.exists(msrun):
-        pytest.skip("msrun (MindSpore's launcher) is not installed")
-    env = dict(os.environ, LOCAL_DEFAULT_PATH=str(tmp_path / "log"))
-    common = ["--max_steps", str(STEPS), "--save_steps", "3", "--progress", "False"]
-    two = subprocess.run([msrun, "--worker_num=2", "--local_worker_num=2", "--master_addr=127.0.0.1",
-                          f"--master_port={free_port()}", "--join=True", f"--log_dir={tmp_path / 'msrun_log'}",
-                          os.path.join(REPO, "run_finetune.py"), "--config", LORA_TINY,
-                          "--output_dir", str(tmp_path / "dp"), "--batch_size", "2"] + common,
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
-    logs = "".join((tmp_path / "msrun_log" / f"worker_{r}.log").read_text(errors="replace")[-2000:] for r in (0, 1)
-                   if (tmp_path / "msrun_log" / f"worker_{r}.log").exists())
+def finetune_command(*args):
+    return " ".join([sys.executable, os.path.join(REPO, "run_finetune.py"), "--config", LORA_TINY,
+                     "--progress", "False", "--threads", "1"] + [str(a) for a in args])
+
+
+def launch(tmp_path, command, **env):
+    """run_singlenode.sh on the CPU path (forced, also on an Ascend host): two workers + the scheduler."""
+    env = dict(os.environ, VISUAL_MLLM_LAUNCHER="msrun", PYTHON=sys.executable, MASTER_PORT=str(free_port()),
+               LOCAL_DEFAULT_PATH=str(tmp_path / "mindformers_log"), **env)
+    # no rank table on CPU: the argument is a placeholder
+    return subprocess.run(["bash", LAUNCHER, command, "no_rank_table_on_cpu", "[0,2)", "2"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+
+
+def rank_log(tmp_path, rank):
+    path = tmp_path / "output" / "log" / f"rank_{rank}" / "run.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def test_two_workers_through_run_singlenode_match_one_process(tmp_path):
+    common = ["--max_steps", STEPS, "--save_steps", 3]
+    two = launch(tmp_path, finetune_command("--output_dir", tmp_path / "dp", "--batch_size", 2, *common))
+    logs = "".join(f"\n--- rank_{r} ---\n" + rank_log(tmp_path, r)[-2000:] for r in (0, 1))
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:] + logs
-    one = subprocess.run([sys.executable, os.path.join(REPO, "run_finetune.py"), "--config", LORA_TINY,
-                          "--output_dir", str(tmp_path / "single"), "--batch_size", "4"] + common,
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+    one = subprocess.run(finetune_command("--output_dir", tmp_path / "single", "--batch_size", 4, *common),
+                         shell=True, cwd=tmp_path, env=dict(os.environ, LOCAL_DEFAULT_PATH=str(tmp_path / "log")),
+                         capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
     assert one.returncode == 0, one.stderr[-3000:]
 
+    for rank in (0, 1):  # each worker joined the 2-rank group and reported its own step time in its log
+        assert f"timing: rank {rank} of 2: median step" in rank_log(tmp_path, rank), rank_log(tmp_path, rank)[-2000:]
+    summary = json.loads((tmp_path / "dp" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_batch"] == 4 and summary["steps"] == STEPS
     step = f"step_{STEPS:06d}"
     rank0 = weights(str(tmp_path / "dp" / "checkpoints" / "rank_0" / step / "lora.ckpt"))
     rank1 = weights(str(tmp_path / "dp" / "checkpoints" / "rank_1" / step / "lora.ckpt"))
@@ -61,3 +79,26 @@ def test_two_msrun_workers_match_one_process(tmp_path):
         np.testing.assert_allclose(rank0[name], single[name], rtol=1e-5, atol=1e-6, err_msg=name)
     assert any(rank0[n].any() for n in rank0 if n.endswith("lora_b"))  # it did train
     np.testing.assert_allclose(losses(tmp_path / "dp"), losses(tmp_path / "single"), rtol=1e-6)
+
+
+def test_run_finetune_failing_on_one_rank_fails_the_launch(tmp_path):
+    """Rank 1 reads a dataset with a missing image (`--dataset data/rank_$RANK_ID.json`, expanded per rank):
+    its validation error ends it with status 2; rank 0, whose data is fine, is stopped by the launcher
+    (SIGTERM, then SIGKILL after STOP_GRACE_SECONDS if it is blocked waiting for rank 1)."""
+    rows = json.loads(open(EXAMPLES, encoding="utf-8").read())
+    for row in rows:
+        if row.get("img"):
+            row["img"] = os.path.normpath(os.path.join(os.path.dirname(EXAMPLES), row["img"]))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "rank_0.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    rows[4]["img"] = str(tmp_path / "missing.png")
+    (tmp_path / "data" / "rank_1.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+
+    result = launch(tmp_path, finetune_command("--output_dir", tmp_path / "dp", "--batch_size", 2, "--max_steps",
+                                               STEPS, "--dataset", "data/rank_$RANK_ID.json"),
+                    STOP_GRACE_SECONDS="5")  # a launcher that never stopped rank 0 would hit launch()'s timeout
+    assert result.returncode != 0
+    assert "error: rank_1 exited with status 2, see output/log/rank_1/run.log" in result.stderr, result.stderr
+    assert "row 4: image" in rank_log(tmp_path, 1) and "missing.png" in rank_log(tmp_path, 1)
+    assert "data/rank_0.json (fewshot): 9 samples" in rank_log(tmp_path, 0)  # rank 0 itself was fine
+    assert not (tmp_path / "dp" / "lora.ckpt").exists()

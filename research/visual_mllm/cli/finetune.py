@@ -7,8 +7,8 @@
 
 The output folder gets lora.ckpt (trainable weights only; run_infer.py --lora_checkpoint loads it),
 checkpoints/ (resumable), train_log.csv, loss_curve.png and summary.json; with --merge also merged/
-(split checkpoints + run_merged.yaml for run_infer.py --config). Under msrun every worker runs this
-same command and trains its shard of each global batch (data parallel); on one host start them with
+(split checkpoints + run_merged.yaml for run_infer.py --config). Data parallel: every worker runs this
+same command and trains its shard of each global batch; on one host start them with
     bash run_singlenode.sh "python run_finetune.py --config ..." <rank_table.json or any name on CPU> "[0,2)" 2
 (logs in output/log/rank_<r>/run.log; each rank ends its log with a `timing:` line).
 """

@@ -2,11 +2,11 @@
 
 `finetune(options)` is what `run_finetune.py` runs. Started by `run_singlenode.sh` (MindSpore's dynamic
 cluster on CPU: MS_ROLE/MS_NODE_ID/MS_WORKER_NUM/MS_SCHED_HOST/MS_SCHED_PORT; a rank table on Ascend),
-by `msrun`, or with RANK_SIZE > 1, it joins the
-data-parallel group first: `mindspore.communication.init()`, `DATA_PARALLEL` with gradient mean, each
-rank training on its shard of every global batch (see `datasets.BatchSource`), so all ranks keep
-identical weights. Rank 0 writes the logs, the PNG and the final LoRA checkpoint; every rank keeps
-its resumable checkpoints under `checkpoints/rank_<r>/`.
+by `msrun`, or with RANK_SIZE > 1, it joins the data-parallel group first: `mindspore.communication.init()`,
+`DATA_PARALLEL` with gradient mean, each rank training on its shard of every global batch (see
+`datasets.BatchSource`), so all ranks keep identical weights. Rank 0 writes the logs, the PNG and the
+final LoRA checkpoint; every rank keeps its resumable checkpoints under `checkpoints/rank_<r>/` and ends
+with a `timing:` line (its median step time).
 """
 import json
 import os
@@ -73,7 +73,8 @@ class RunResult:
 
 
 def init_data_parallel():
-    """(rank, world size); joins the collective group when launched by msrun or with RANK_SIZE > 1."""
+    """(rank, world size); joins the collective group when started as a worker of MindSpore's dynamic
+    cluster (MS_ROLE set: run_singlenode.sh on CPU, msrun) or with RANK_SIZE > 1 (Ascend rank table)."""
     import mindspore as ms
 
     launched = os.environ.get("MS_ROLE") is not None or int(os.environ.get("RANK_SIZE", "1") or 1) > 1
