@@ -124,7 +124,8 @@ def environment_lines(settings: Settings, extra=()):
 
 class OtherLoad:
     """How many cores other processes kept busy between start() and stop(), from /proc/stat minus this
-    process's own CPU time (Linux; None elsewhere). Near the thread count = the timings are inflated."""
+    process's own CPU time and that of its finished subprocesses (Linux; None elsewhere). Near the thread
+    count = the timings are inflated."""
 
     def _sample(self):
         try:
@@ -134,7 +135,9 @@ class OtherLoad:
             return None
         busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # minus idle and iowait
         own = resource.getrusage(resource.RUSAGE_SELF)
-        return busy / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime, time.perf_counter()
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)  # subprocesses a section ran (and waited for)
+        return (busy / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime,
+                time.perf_counter())
 
     def start(self):
         self.first = self._sample()
