@@ -66,6 +66,31 @@ class EvaAttention(nn.Cell):
         return self.proj(merge_heads(out))  # [B, S, D]
 
 
+class PatchEmbed(nn.Cell):
+    """The patch "convolution" (kernel = stride = patch_size, no padding) as one matmul over flattened
+    patches: the same sums as the checkpoint's Conv2d (`weight` [D, C, p, p], `bias` [D]), but MindSpore's
+    CPU Conv2d with a 14x14 kernel is ~100x slower than the matmul (benchmarks/README.md, image encoding).
+    """
+
+    def __init__(self, in_channels, hidden_size, patch_size):
+        super().__init__()
+        self.patch_size = patch_size
+        self.fan_in = in_channels * patch_size * patch_size
+        self.weight = Parameter(initializer(Normal(0.02), (hidden_size, in_channels, patch_size, patch_size),
+                                            ms.float32), name="weight")
+        self.bias = Parameter(initializer("zeros", (hidden_size,), ms.float32), name="bias")
+
+    def construct(self, pixel_values):
+        b, c, h, w = pixel_values.shape
+        p = self.patch_size
+        gh, gw = h // p, w // p  # a remainder is dropped, as the valid convolution does
+        x = pixel_values[:, :, :gh * p, :gw * p].astype(self.weight.dtype)  # [B, C, gh*p, gw*p]
+        x = x.reshape(b, c, gh, p, gw, p).transpose(0, 2, 4, 1, 3, 5)  # [B, gh, gw, C, p, p]
+        x = x.reshape(b, gh * gw, self.fan_in)  # [B, N, C*p*p], patches row-major
+        weight = self.weight.reshape(self.weight.shape[0], self.fan_in)  # [D, C*p*p]
+        return ops.matmul(x, weight.swapaxes(0, 1)) + self.bias.astype(x.dtype)  # [B, N, D]
+
+
 class EvaBlock(nn.Cell):
     """Pre-LN transformer block without layer scale."""
 
@@ -91,15 +116,12 @@ class EvaViT(nn.Cell):
         self.cls_token = Parameter(initializer(Normal(0.02), (1, 1, d), ms.float32), name="cls_token")
         self.pos_embed = Parameter(initializer(Normal(0.02), (1, config.num_patches + 1, d), ms.float32),
                                    name="pos_embed")
-        self.patch_embed = nn.Conv2d(config.in_channels, d, kernel_size=config.patch_size,
-                                     stride=config.patch_size, pad_mode="valid", has_bias=True,
-                                     weight_init=Normal(0.02), bias_init="zeros")
+        self.patch_embed = PatchEmbed(config.in_channels, d, config.patch_size)
         self.blocks = nn.CellList([EvaBlock(config) for _ in range(config.num_layers)])
 
     def construct(self, pixel_values):
-        x = self.patch_embed(pixel_values.astype(self.patch_embed.weight.dtype))  # [B, D, H/p, W/p]
-        b, d = x.shape[0], x.shape[1]
-        x = x.reshape(b, d, -1).transpose(0, 2, 1)  # [B, N, D]
+        x = self.patch_embed(pixel_values)  # [B, N, D], patches row-major
+        b, d = x.shape[0], x.shape[2]
         cls = ops.broadcast_to(self.cls_token.astype(x.dtype), (b, 1, d))  # [B, 1, D]
         x = ops.cat((cls, x), axis=1) + self.pos_embed.astype(x.dtype)  # [B, N+1, D]
         for block in self.blocks:
