@@ -70,6 +70,7 @@ class PatchEmbed(nn.Cell):
     """The patch "convolution" (kernel = stride = patch_size, no padding) as one matmul over flattened
     patches: the same sums as the checkpoint's Conv2d (`weight` [D, C, p, p], `bias` [D]), but MindSpore's
     CPU Conv2d with a 14x14 kernel is ~100x slower than the matmul (benchmarks/README.md, image encoding).
+    pixel_values [B, C, H, W] come in the weight's dtype -> [B, N, D].
     """
 
     def __init__(self, in_channels, hidden_size, patch_size):
@@ -84,7 +85,7 @@ class PatchEmbed(nn.Cell):
         b, c, h, w = pixel_values.shape
         p = self.patch_size
         gh, gw = h // p, w // p  # a remainder is dropped, as the valid convolution does
-        x = pixel_values[:, :, :gh * p, :gw * p].astype(self.weight.dtype)  # [B, C, gh*p, gw*p]
+        x = pixel_values[:, :, :gh * p, :gw * p]  # [B, C, gh*p, gw*p]
         x = x.reshape(b, c, gh, p, gw, p).transpose(0, 2, 4, 1, 3, 5)  # [B, gh, gw, C, p, p]
         x = x.reshape(b, gh * gw, self.fan_in)  # [B, N, C*p*p], patches row-major
         weight = self.weight.reshape(self.weight.shape[0], self.fan_in)  # [D, C*p*p]
@@ -120,7 +121,8 @@ class EvaViT(nn.Cell):
         self.blocks = nn.CellList([EvaBlock(config) for _ in range(config.num_layers)])
 
     def construct(self, pixel_values):
-        x = self.patch_embed(pixel_values)  # [B, N, D], patches row-major
+        # cast here, not inside PatchEmbed: under amp the cell's own entry casts its inputs and weights
+        x = self.patch_embed(pixel_values.astype(self.patch_embed.weight.dtype))  # [B, N, D], patches row-major
         b, d = x.shape[0], x.shape[2]
         cls = ops.broadcast_to(self.cls_token.astype(x.dtype), (b, 1, d))  # [B, 1, D]
         x = ops.cat((cls, x), axis=1) + self.pos_embed.astype(x.dtype)  # [B, N+1, D]
