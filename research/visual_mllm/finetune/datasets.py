@@ -239,12 +239,18 @@ def _image(row_image, resolver, problems, index):
     return path, True
 
 
+def _object_rows(rows, problems, what="a row"):
+    """(index, row) of the rows that are JSON objects; every other row becomes a Problem."""
+    for index, row in enumerate(rows):
+        if isinstance(row, dict):
+            yield index, row
+        else:
+            problems.append(Problem(index, f"{what} must be a JSON object, got {type(row).__name__}"))
+
+
 def read_fewshot(data, resolver):
     records, problems = [], []
-    for index, row in enumerate(data):
-        if not isinstance(row, dict):
-            problems.append(Problem(index, f"a row must be a JSON object, got {type(row).__name__}"))
-            continue
+    for index, row in _object_rows(data, problems):
         before = len(problems)
         prompt = _text(row, "prompt", problems, index)
         label = _text(row, "label", problems, index)
@@ -261,10 +267,7 @@ def read_cc_sbu_align(data, resolver, instructions):
         return [], [Problem("-", "'annotations' must be a list")]
     if not instructions:
         return [], [Problem("-", "cc_sbu_align needs at least one instruction (dataset.instructions)")]
-    for index, row in enumerate(rows):
-        if not isinstance(row, dict):
-            problems.append(Problem(index, f"an annotation must be a JSON object, got {type(row).__name__}"))
-            continue
+    for index, row in _object_rows(rows, problems, "an annotation"):
         before = len(problems)
         caption = _text(row, "caption", problems, index)
         image_id = row.get("image_id")
@@ -283,10 +286,7 @@ def read_cc_sbu_align(data, resolver, instructions):
 
 def read_conversations(data, resolver):
     records, problems = [], []
-    for index, row in enumerate(data):
-        if not isinstance(row, dict):
-            problems.append(Problem(index, f"a row must be a JSON object, got {type(row).__name__}"))
-            continue
+    for index, row in _object_rows(data, problems):
         before = len(problems)
         turns = row.get("conversations")
         if not isinstance(turns, list) or not turns:
