@@ -284,3 +284,25 @@ def test_transformers_comparison_detects_wrong_mapping(hf_blip2, corrupt, output
     _, arrays, _, hf_vit_out, hf_qformer_out = hf_blip2
     ours = run_on_hf_weights(hf_blip2, corrupt(arrays))[output]
     assert max_diff(ours, (hf_vit_out, hf_qformer_out)[output]) > 100 * HF_TOLERANCE
+
+
+@pytest.mark.parametrize("height, width", [(28, 42), (31, 45)])  # divisible, and with a remainder to drop
+def test_patch_embedding_equals_the_valid_convolution(height, width):
+    """PatchEmbed (one matmul over flattened patches) computes what the checkpoint's Conv2d computes:
+    MindSpore's own Conv2d with kernel = stride = patch and valid padding, same weight and bias."""
+    from visual_mllm.vision.eva_vit import PatchEmbed
+
+    patch, channels, hidden = 7, 3, 16
+    rng = np.random.default_rng(0)
+    embed = PatchEmbed(channels, hidden, patch)
+    embed.weight.set_data(ms.Tensor(rng.standard_normal(embed.weight.shape).astype(np.float32)))
+    embed.bias.set_data(ms.Tensor(rng.standard_normal(embed.bias.shape).astype(np.float32)))
+    conv = ms.nn.Conv2d(channels, hidden, kernel_size=patch, stride=patch, pad_mode="valid", has_bias=True)
+    conv.weight.set_data(embed.weight.value())
+    conv.bias.set_data(embed.bias.value())
+    pixels = ms.Tensor(rng.standard_normal((2, channels, height, width)).astype(np.float32))
+    expected = conv(pixels).asnumpy()  # [B, D, H/p, W/p]
+    expected = expected.reshape(2, hidden, -1).transpose(0, 2, 1)  # [B, N, D], patches row-major
+    got = embed(pixels).asnumpy()
+    assert got.shape == (2, (height // patch) * (width // patch), hidden)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
