@@ -125,6 +125,8 @@ kill_the_rest() {
   if [ -n "$names" ]; then
     echo "error: still running ${STOP_GRACE_SECONDS}s after SIGTERM, killing: $names" >&2
     signal_all KILL
+    local tries  # SIGKILL is delivered asynchronously: wait (up to 5 s) until they are gone before exiting
+    for ((tries = 0; tries < 50; tries++)); do [ -n "$(running)" ] || break; sleep 0.1; done
   fi
 }
 on_signal() {
@@ -186,4 +188,5 @@ if [ $STOPPING -eq 1 ]; then  # the processes have exited; what they started may
   kill_the_rest
 fi
 if [ -n "$TIMER" ]; then kill "$TIMER" 2>/dev/null; wait "$TIMER" 2>/dev/null; fi
+[ $FAILED -ne 0 ] || echo "all $RANK_SIZE rank(s) finished; logs in $LOG_ROOT/rank_<r>/run.log"
 exit $FAILED

@@ -146,6 +146,7 @@ def test_cpu_workers_form_one_cluster(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "rank 0 of 2: sum 3.0" in read_log(tmp_path, "rank_0")
     assert "rank 1 of 2: sum 3.0" in read_log(tmp_path, "rank_1")
+    assert "all 2 rank(s) finished" in result.stdout
 
 
 AFFINITY = f"{sys.executable} -c \"import os; print('cores', sorted(os.sched_getaffinity(0)))\""
@@ -172,6 +173,7 @@ def test_a_failing_cpu_worker_fails_the_launch(tmp_path):
     result = launch(tmp_path, f"{sys.executable} worker.py 1", "msrun", device_range="[0,2)")
     assert result.returncode != 0
     assert "rank_1 exited" in result.stderr
+    assert "finished" not in result.stdout
 
 
 STUBBORN = """
