@@ -14,6 +14,8 @@ import re
 import socket
 import subprocess
 
+from ..json_file import read_json
+
 HCCN_CONF = "/etc/hccn.conf"
 
 
@@ -160,13 +162,7 @@ def validate_rank_table(table, rank_size=None, device_ids=None):
 
 
 def validate_rank_table_file(path, rank_size=None, device_range=None):
-    if not os.path.isfile(path):
-        raise RankTableError(f"rank table {path} not found")
-    try:
-        with open(path, encoding="utf-8") as f:
-            table = json.load(f)
-    except json.JSONDecodeError as err:
-        raise RankTableError(f"rank table {path} is not valid JSON: line {err.lineno}: {err.msg}") from err
+    table = read_json(path, RankTableError, "rank table")
     device_ids = parse_device_range(device_range) if device_range is not None else None
     try:
         validate_rank_table(table, rank_size, device_ids)

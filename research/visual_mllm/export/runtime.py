@@ -11,12 +11,12 @@
 `generate_ids`), so the same request handling, generation loop and sampling run on exported graphs.
 Lite mode never builds the eager LLM: the host only runs graphs.
 """
-import json
 import os
 
 import numpy as np
 
 from ..generation.generator import generate
+from ..json_file import read_json
 from .context_cfg import parse_context_cfg
 from .exporter import FORMAT, MANIFEST
 
@@ -251,11 +251,7 @@ def read_manifest(export_dir):
     path = os.path.join(export_dir, MANIFEST)
     if not os.path.isfile(path):
         raise ExportMismatchError(f"{export_dir} has no {MANIFEST}: it is not a folder written by export_lite_model.py")
-    try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ExportMismatchError(f"{path} is not valid JSON (line {err.lineno}: {err.msg})") from err
+    manifest = read_json(path, ExportMismatchError, "manifest")
     if manifest.get("format") != FORMAT:
         raise ExportMismatchError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
     for name, graph in manifest["graphs"].items():

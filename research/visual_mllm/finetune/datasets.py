@@ -37,6 +37,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..json_file import read_json
 from ..processing.image import ImageLoadError, load_image
 from ..processing.visualglm_prompt import process_response
 
@@ -126,20 +127,18 @@ class DatasetSettings:
 # ----------------------------------------------------------------------------------------- reading
 
 def _read_json(path):
+    if not path.endswith(".jsonl"):
+        return read_json(path, DatasetFormatError, "dataset")
     try:
         with open(path, encoding="utf-8") as f:
-            if path.endswith(".jsonl"):
-                rows = []
-                for number, line in enumerate(f):
-                    if line.strip():
-                        try:
-                            rows.append(json.loads(line))
-                        except json.JSONDecodeError as err:
-                            raise DatasetFormatError(f"{path}: line {number + 1} is not valid JSON: {err}") from err
-                return rows
-            return json.load(f)
-    except json.JSONDecodeError as err:
-        raise DatasetFormatError(f"{path}: not valid JSON: {err}") from err
+            rows = []
+            for number, line in enumerate(f):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as err:
+                        raise DatasetFormatError(f"{path}: line {number + 1} is not valid JSON: {err}") from err
+            return rows
     except UnicodeDecodeError as err:
         raise DatasetFormatError(f"{path}: not UTF-8 text: {err}") from err
 
