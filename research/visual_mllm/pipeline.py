@@ -12,14 +12,13 @@ checks. Then:
 Inputs are ChatRequests or dicts with the fields of a JSONL request (`request_file.py`); a list gives
 a list of ChatResults, one input gives one ChatResult. The steps are those of `inference.answer`.
 """
-import os
 from collections import OrderedDict
 
 from mindformers.mindformer_book import MindFormerBook
 from mindformers.pipeline.base_pipeline import Pipeline
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-from .cli.common import REPO_ROOT
+from .cli.common import DEFAULT_CONFIG
 from .generation.sampling import GenerationConfig
 from .inference import ChatRequest, finish_batch, generate_batch, prepare_batch
 from .request_file import request_from_fields
@@ -27,7 +26,7 @@ from .request_file import request_from_fields
 TASK = "image_to_text_generation"
 # mindformers.pipeline() reads the YAML of the table entry "common" when it is given a model instance
 # (it builds a tokenizer / image processor from it only if none is passed): the built-in demo model's.
-TASK_CONFIG = os.path.join(REPO_ROOT, "configs", "visualglm_tiny", "run_visualglm_tiny.yaml")
+TASK_CONFIG = DEFAULT_CONFIG
 
 
 class ImageToTextChatPipeline(Pipeline):

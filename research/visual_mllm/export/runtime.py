@@ -109,7 +109,7 @@ def pick_backend(ge_config=None, device_target="CPU", device_id=0):
         if ge_config:
             parse_context_cfg(ge_config)  # still report a malformed file
         return MindIRBackend()
-    return LiteBackend(ge_config, "Ascend" if device_target == "Ascend" else device_target, device_id)
+    return LiteBackend(ge_config, device_target, device_id)
 
 
 def _check_shapes(graph_name, spec, arrays, manifest):
@@ -165,13 +165,13 @@ class ExportedEngine:
 class ExportedModel:
     """A folder written by `export_model`, loaded for inference."""
 
-    def __init__(self, export_dir, backend=None, full_path=None, inc_path=None):
+    def __init__(self, export_dir, backend=None, full_path=None, inc_path=None, manifest=None):
         from mindformers.models.build_config import build_model_config
 
         from ..registry import family_model_class, read_run_config
 
         self.export_dir = export_dir
-        self.manifest = read_manifest(export_dir)
+        self.manifest = manifest or read_manifest(export_dir)
         graphs = self.manifest["graphs"]
         self.batch_size = self.manifest["batch_size"]
         self.backend = backend or MindIRBackend()
@@ -199,12 +199,13 @@ class ExportedModel:
             if not os.path.isfile(os.path.join(export_dir, MANIFEST)):
                 raise ExportMismatchError(f"no {MANIFEST} beside {full_path} (looked in {export_dir}): pass the "
                                           "folder export_lite_model.py wrote, unchanged")
+        manifest = read_manifest(export_dir)
         for name, path in (("full", full_path), ("inc", inc_path)):
             if path is not None:
-                expected = read_manifest(export_dir)["graphs"].get(name)
+                expected = manifest["graphs"].get(name)
                 if expected is None or os.path.getsize(path) != expected["bytes"]:
                     raise ExportMismatchError(f"{path} is not the {name} graph listed in {export_dir}/{MANIFEST}")
-        return cls(export_dir, backend, full_path, inc_path)
+        return cls(export_dir, backend, full_path, inc_path, manifest)
 
     def check_request(self, batch_size=None, seq_length=None, use_past=None):
         """Refuse run settings the graphs were not exported for, saying what was exported."""

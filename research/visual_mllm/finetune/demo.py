@@ -18,13 +18,12 @@ import os
 import shutil
 import sys
 
-from ..cli.common import REPO_ROOT
+from ..cli.common import DEFAULT_CONFIG as BASE_CONFIG, REPO_ROOT
 
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGED_DEMO_LORA = os.path.join(PACKAGE_DIR, "assets", "demo", "visualglm_tiny_lora.ckpt")
 DEMO_CONFIG = os.path.join(REPO_ROOT, "configs", "visualglm_tiny", "lora.yaml")
 DEMO_DATASET = os.path.join(REPO_ROOT, "examples", "finetune", "dataset.json")
-BASE_CONFIG = os.path.join(REPO_ROOT, "configs", "visualglm_tiny", "run_visualglm_tiny.yaml")
 
 
 def cache_dir():
