@@ -79,11 +79,11 @@ def family_model_class(family):
 
 
 # --- loading -----------------------------------------------------------------------------------------
-def _merge(base, overrides):
+def merge_dicts(base, overrides):
     """Deep-merge `overrides` into the dict `base` (dict values merge into dict values)."""
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
+            merge_dicts(base[key], value)
         else:
             base[key] = copy.deepcopy(value)
     return base
@@ -109,12 +109,12 @@ def read_run_config(yaml_path, model_overrides=None, processor_overrides=None):
     if config.get("use_legacy", True) is False:
         raise ValueError(f"{yaml_path}: use_legacy: False is not supported by visual_mllm models")
     if model_overrides:
-        merged = _merge(plain(config.model.model_config), model_overrides)
+        merged = merge_dicts(plain(config.model.model_config), model_overrides)
         config.model.model_config = MindFormerConfig(**merged)
     if processor_overrides:
         if config.processor is None:
             raise ValueError(f"{yaml_path}: has no processor section to override")
-        merged = _merge(plain(config.processor), processor_overrides)
+        merged = merge_dicts(plain(config.processor), processor_overrides)
         config.processor = MindFormerConfig(**merged)
     return config
 

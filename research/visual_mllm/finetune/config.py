@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Dict, List, Optional
 
+from ..registry import plain
 from .datasets import DatasetSettings
 from .lora import LoraSettings, settings_from_dict
 
@@ -76,16 +77,8 @@ class FinetuneConfig:
         return args
 
 
-def _plain(value):
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def _build(cls, section, name):
-    section = _plain(section or {})
+    section = plain(section or {})
     if not isinstance(section, dict):
         raise FinetuneConfigError(f"finetune.{name} must be a mapping, got {type(section).__name__}")
     known = {f.name for f in fields(cls)}
@@ -105,7 +98,7 @@ def parse_finetune_section(section, yaml_path=None):
     if section is None:
         raise FinetuneConfigError(f"{yaml_path or 'the config'} has no `finetune:` section "
                                   "(see configs/visualglm_tiny/lora.yaml)")
-    section = _plain(section)
+    section = plain(section)
     known = {"dataset", "lora", "trainable", "optimizer", "lr_schedule", "runner"}
     unknown = sorted(set(section) - known)
     if unknown:

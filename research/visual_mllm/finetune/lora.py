@@ -289,11 +289,9 @@ def trainable_state(model):
     return out
 
 
-def save_lora_checkpoint(model, path, settings: Optional[LoraSettings] = None, extra_meta=None):
+def save_lora_checkpoint(model, path, settings: Optional[LoraSettings] = None):
     """Write the trainable parameters + layout to `path` atomically (a temporary file, then a rename)."""
     meta = lora_meta(model, settings)
-    if extra_meta:
-        meta.update(extra_meta)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, ".partial." + os.path.basename(path))
@@ -335,7 +333,7 @@ class LoraLoadResult:
     loaded: List[str] = field(default_factory=list)
 
 
-def load_lora_checkpoint(model, path, merge=False, compute_dtype="float32"):
+def load_lora_checkpoint(model, path, merge=False):
     """Load a LoRA checkpoint written by run_finetune.py into `model` (a plain or LoRA model).
 
     The LoRA layers the checkpoint describes are added to the model (layers that already carry LoRA
@@ -369,7 +367,7 @@ def load_lora_checkpoint(model, path, merge=False, compute_dtype="float32"):
         raise LoraCheckpointError(f"{path} does not fit {type(model).__name__}: " + "; ".join(problems))
     fresh = [t for t in targets if not _is_lora(cells[t])]
     if fresh:
-        inject_lora(model, fresh, rank, alpha, 0.0, compute_dtype)
+        inject_lora(model, fresh, rank, alpha, 0.0)
     params = {p.name: p for p in model.get_parameters()}
     for name, array in arrays.items():
         param = params[name]
@@ -406,11 +404,10 @@ def merge_lora(model):
     return merged
 
 
-def save_merged_model(model, output_dir, file_names=None):
+def save_merged_model(model, output_dir):
     """Merge LoRA (if any) and write the split checkpoints (ViT / Q-Former / LLM) to output_dir."""
     merge_lora(model)
-    names = file_names or {part: stem + ".ckpt" for part, stem in model.split_files.items()}
-    return save_split_checkpoints(model, output_dir, dict(names))
+    return save_split_checkpoints(model, output_dir, {part: stem + ".ckpt" for part, stem in model.split_files.items()})
 
 
 def settings_from_dict(section):

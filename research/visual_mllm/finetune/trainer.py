@@ -148,19 +148,12 @@ def _raw_yaml(path):
     bases = data.pop("base_config", None)
     if not bases:
         return data
+    from ..registry import merge_dicts
+
     merged = {}
     for base in bases if isinstance(bases, list) else [bases]:
         merged.update(_raw_yaml(os.path.join(os.path.dirname(os.path.abspath(path)), base)))
-
-    def merge(a, b):
-        for key, value in a.items():
-            if isinstance(value, dict) and isinstance(b.get(key), dict):
-                merge(value, b[key])
-            else:
-                b[key] = value
-        return b
-
-    return merge(data, merged)
+    return merge_dicts(merged, data)
 
 
 def write_inference_yaml(config_path, checkpoints, out_path):
