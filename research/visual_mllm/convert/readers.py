@@ -20,6 +20,8 @@ from typing import Callable, Tuple
 
 import torch
 
+from ..models.weights import summarise
+
 # dtype names of the file formats
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -33,11 +35,9 @@ class ConversionError(ValueError):
     """A source or output that cannot be converted; the message names the file and the keys."""
 
 
-def names(keys, limit=8):
-    """'a, b, c ... and 12 more' for error messages."""
-    keys = sorted(keys)
-    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
+def names(keys):
+    """'a, b, c ... and 12 more' for conversion error messages."""
+    return summarise(keys, limit=8)
 
 
 @dataclass(frozen=True)
