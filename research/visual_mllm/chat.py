@@ -18,9 +18,10 @@ HELP = """commands:
 anything else is a question about the current image (or a text-only question without one)"""
 
 
-def dropped_note(count):
-    """What to tell the user when `count` history turns did not fit the context."""
-    return f"(the context is full: the {count} oldest turn(s) were dropped from the history)"
+def dropped_note(history, result):
+    """What to tell the user when turns of `history` did not fit the context (None when all did)."""
+    count = len(history) - len(result.history_used)
+    return f"(the context is full: the {count} oldest turn(s) were dropped from the history)" if count else None
 
 
 class ChatSession:
@@ -60,9 +61,9 @@ class ChatSession:
         result = self.run([request], self.stream)[0]
         if not self.stream:
             self.say(f"answer: {result.response}")
-        dropped = len(self.history) - len(result.history_used)
-        if dropped:
-            self.say(dropped_note(dropped))
+        note = dropped_note(self.history, result)
+        if note:
+            self.say(note)
         self.history = list(result.history_used) + [(question, result.response)]
         if self.on_turn is not None:
             fields = {"image": self.image_path, "prompt": question,

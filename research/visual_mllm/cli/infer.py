@@ -180,8 +180,9 @@ def answer_all(args, run, inputs, stream, report):
         for (fields, request), result in zip(batch, results):
             if not streaming:
                 print(f"answer: {result.response}")
-            if len(result.history_used) < len(request.history):
-                print(dropped_note(len(request.history) - len(result.history_used)))
+            note = dropped_note(request.history, result)
+            if note:
+                print(note)
             report(fields, result)
 
 
