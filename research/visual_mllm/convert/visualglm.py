@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import yaml
 from mindformers.models.build_config import build_model_config
 
-from ..finetune.lora import META_FORMAT as LORA_META_FORMAT, META_KEY as LORA_META_KEY
+from ..finetune.lora import META_KEY as LORA_META_KEY, layout_meta
 from ..models.pretrained import config_to_yaml_dict
 from ..models.visualglm import VisualGLMForConditionalGeneration
 from ..registry import load_processor_from_yaml, read_run_config
@@ -158,8 +158,7 @@ def lora_meta(lora):
     `load_lora_checkpoint(model, visualglm_glm_lora.ckpt)` then adds these LoRA layers to the model
     loaded from the run YAML (optionally merging them).
     """
-    return {"format": LORA_META_FORMAT, "rank": lora.kept_rank, "alpha": lora.kept_alpha, "dropout": 0.0,
-            "targets": lora.targets, "trainable": []}
+    return layout_meta(lora.kept_rank, lora.kept_alpha, 0.0, lora.targets, [])
 
 
 def writer_class(part, file_format):

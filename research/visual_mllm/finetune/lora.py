@@ -265,18 +265,20 @@ def summarise_trainable(model):
 
 # -------------------------------------------------------------------------------------- checkpoints
 
+def layout_meta(rank, alpha, dropout, targets, trainable):
+    """The JSON-able layout stored with a LoRA checkpoint (read back by `load_lora_checkpoint`)."""
+    return {"format": META_FORMAT, "rank": int(rank), "alpha": float(alpha), "dropout": float(dropout),
+            "targets": list(targets), "trainable": list(trainable)}
+
+
 def lora_meta(model, settings: Optional[LoraSettings] = None):
-    """The JSON-able description stored with a LoRA checkpoint."""
+    """The layout of `model`'s LoRA layers and other trainable parameters."""
     cells = dense_cells(model)
     targets = lora_targets_of(model)
     first = cells[targets[0]] if targets else None
     trainable = [p.name for p in model.trainable_params() if not p.name.endswith(LORA_PARAMS)]
-    return {"format": META_FORMAT,
-            "rank": int(first.lora_rank) if first is not None else 0,
-            "alpha": float(first.lora_alpha) if first is not None else 0.0,
-            "dropout": float(settings.dropout) if settings is not None else 0.0,
-            "targets": targets,
-            "trainable": trainable}
+    return layout_meta(first.lora_rank if first is not None else 0, first.lora_alpha if first is not None else 0.0,
+                       settings.dropout if settings is not None else 0.0, targets, trainable)
 
 
 def trainable_state(model):
