@@ -20,6 +20,7 @@ from typing import Callable, Tuple
 
 import torch
 
+from .. import json_file
 from ..models.weights import summarise
 
 # dtype names of the file formats
@@ -91,13 +92,7 @@ def _check_file(path):
 
 def read_json(path):
     """A JSON file; a missing or malformed one is a ConversionError naming it."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise ConversionError(f"{path} not found") from None
-    except ValueError as err:
-        raise ConversionError(f"cannot read {path}: not valid JSON ({_first_line(err)})") from None
+    return json_file.read_json(path, ConversionError)
 
 
 def _first_line(err):
