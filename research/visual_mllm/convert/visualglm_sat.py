@@ -341,12 +341,16 @@ def eva_args(config):
 def qformer_args(config):
     """SAT `qformer_args` (= the HF release's `qformer_config`) of a VisualGLMConfig."""
     qformer = config.image_encoder_config.qformer_config
-    return {"num_layers": qformer.num_layers, "hidden_size": qformer.hidden_size,
+    args = {"num_layers": qformer.num_layers, "hidden_size": qformer.hidden_size,
             "num_attention_heads": qformer.num_heads, "vocab_size": qformer.num_query_tokens,
             "layernorm_order": "post", "model_parallel_size": 1, "max_sequence_length": 0,
             "is_decoder": [i % qformer.cross_attention_frequency == 0 for i in range(qformer.num_layers)],
-            "cross_attn_hidden_size": qformer.encoder_hidden_size, "layernorm_epsilon": qformer.layer_norm_eps,
-            "inner_hidden_size": qformer.intermediate_size}
+            "cross_attn_hidden_size": qformer.encoder_hidden_size, "layernorm_epsilon": qformer.layer_norm_eps}
+    # VisualGLM's own qformer_args leave the MLP width to SAT's default (4 x hidden): write it only when
+    # it differs, so that a release's config round-trips as it was written.
+    if qformer.intermediate_size != 4 * qformer.hidden_size:
+        args["inner_hidden_size"] = qformer.intermediate_size
+    return args
 
 
 def sat_model_config(config):
