@@ -81,6 +81,15 @@ def result_record(fields: dict, result: ChatResult) -> dict:
     return record
 
 
+# Characters that json.dumps(ensure_ascii=False) leaves raw but that str.splitlines() (and JavaScript)
+# treat as line breaks: escaped, so that a record stays one line for every JSONL reader.
+_LINE_BREAKS = {"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
 def write_record(file, record):
-    file.write(json.dumps(record, ensure_ascii=False) + "\n")
+    """Append `record` as one JSONL line (UTF-8 text; model output may hold any character)."""
+    text = json.dumps(record, ensure_ascii=False)
+    for char, escaped in _LINE_BREAKS.items():
+        text = text.replace(char, escaped)
+    file.write(text + "\n")
     file.flush()
