@@ -25,10 +25,12 @@ class FakeModel:
         return [ChatResult(f"answer {len(self.requests)}", [len(self.requests)], [], kept)]
 
 
-def fixture_images():
-    """Paths of the reference samples' images."""
-    return [str(fixture_path("visualglm", s["image"])) for s in load_json("visualglm", "reference.json")["samples"]
-            if s["image"]]
+def fixture_image():
+    """Path of an image of the reference samples (any one: the session only needs a loadable image)."""
+    images = [s["image"] for s in load_json("visualglm", "reference.json")["samples"] if s.get("image")]
+    if not images:
+        pytest.skip("the VisualGLM fixture has no sample with an image")
+    return str(fixture_path("visualglm", images[0]))
 
 
 @pytest.fixture
@@ -52,7 +54,7 @@ def feed(chat, lines):
 
 def test_history_is_carried_and_trimmed_to_the_context(session):
     chat, out, turns = session
-    image = fixture_images()[0]
+    image = fixture_image()
     feed(chat, [f"/image {image}", "q1", "q2", "q3", "q4", "/history"])
     requests = chat.run.requests
     assert [r.prompt for r in requests] == ["q1", "q2", "q3", "q4"]
@@ -68,7 +70,7 @@ def test_history_is_carried_and_trimmed_to_the_context(session):
 
 def test_commands(session):
     chat, out, _ = session
-    image = fixture_images()[-1]
+    image = fixture_image()
     feed(chat, ["/help", "text question", f"/image {image}", "q", "/clear", "/history", "q again",
                 "/image none", "q text", "/image /no/such.png", "/image", "/bogus", "/quit", "never read"])
     text = out.getvalue()
