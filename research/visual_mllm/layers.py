@@ -63,6 +63,35 @@ class MLP(nn.Cell):
         return self.fc2(h)
 
 
+class RMSNorm(nn.Cell):
+    """LLaMA/Qwen RMSNorm over the last axis, computed in float32: x / sqrt(mean(x^2) + eps) * weight."""
+
+    def __init__(self, size, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = Parameter(initializer("ones", (size,), ms.float32), name="weight")
+
+    def construct(self, x):
+        h = x.astype(ms.float32)
+        h = h * ops.rsqrt(ops.mean(ops.square(h), -1, keep_dims=True) + self.eps)  # [..., size]
+        return (h * self.weight).astype(x.dtype)
+
+
+class SwiGLU(nn.Cell):
+    """down(silu(gate(x)) * up(x)) without biases (LLaMA, Qwen). gate and up are one fused Linear
+    `gate_up` (2*inner x hidden, rows [gate; up]): one matmul instead of two."""
+
+    def __init__(self, hidden_size, inner_size):
+        super().__init__()
+        self.inner_size = inner_size
+        self.gate_up = dense(hidden_size, 2 * inner_size, has_bias=False)
+        self.down = dense(inner_size, hidden_size, has_bias=False)
+
+    def construct(self, x):
+        gate, up = ops.split(self.gate_up(x), self.inner_size, axis=-1)  # [B,S,inner] each
+        return self.down(ops.silu(gate) * up)
+
+
 def split_heads(x, num_heads):
     """[B, S, heads*d] -> [B, heads, S, d]"""
     b, s, _ = x.shape

@@ -1,6 +1,6 @@
 """The small interface every LLM decoder offers to the image side, generation, conversion and export.
 
-A decoder (GLM now; LLaMA and Qwen beside it later) is a Cell with:
+A decoder (`glm.py`; `llama.py`, which also runs Qwen v1) is a `Decoder` Cell with:
 
 * `embed(input_ids [B,S]) -> [B,S,H]` - the token embedding, so that image embeddings can be spliced in;
 * `construct(inputs_embeds [B,S,H], position_ids [B,P,S], valid_length [B], prefix_length [B],
@@ -87,6 +87,27 @@ def write_cache(cache, new, valid_length, decode):
     return updated
 
 
+def attend_cache(k, v, cache_k, cache_v, valid_length, decode):
+    """The keys/values [B,kv,S,d] one attention reads, after writing k, v [B,kv,S,d] to the layer's cache.
+
+    Without a cache: k, v. Prefill: k, v (the writes kept in the graph). Decode: the whole cache
+    [B,kv,S_max,d], whose unwritten slots the decode mask hides.
+    """
+    if cache_k is None:
+        return k, v
+    k_all = write_cache(cache_k, k, valid_length, decode)
+    v_all = write_cache(cache_v, v, valid_length, decode)
+    if decode:
+        return k_all, v_all
+    return ops.depend(k, k_all), ops.depend(v, v_all)
+
+
+def rotate_half(x):
+    """RoPE's rotate-half: [x1, x2] -> [-x2, x1] over the last axis."""
+    half = x.shape[-1] // 2
+    return ops.concat((-x[..., half:], x[..., :half]), axis=-1)
+
+
 class KVCache(nn.Cell):
     """Key and value Parameters for every layer of one decoder at one (batch, S_max)."""
 
@@ -98,3 +119,40 @@ class KVCache(nn.Cell):
                                     for i in range(num_layers)])
         self.values = ParameterTuple([Parameter(Tensor(zeros), name=f"kv_cache.value.{i}", requires_grad=False)
                                       for i in range(num_layers)])
+
+
+class Decoder(nn.Cell):
+    """What every decoder's forward shares: rotary tables, the mask of `prefix_mask` / `decode_mask`, the
+    layer loop with one cache slot per layer, the final norm and an untied `lm_head` computed to fp32.
+
+    Subclasses build `rotary` (position_ids -> (cos, sin)), `layers` (blocks called as
+    `block(x, cos, sin, mask, cache_k, cache_v, valid_length, decode)`), `lm_head`, `positions`,
+    and implement `embed` and `final_norm`.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.num_layers = config.num_layers
+
+    def final_norm(self, x):
+        raise NotImplementedError
+
+    def construct(self, inputs_embeds, position_ids, valid_length, prefix_length, caches=None, decode=False):
+        """Final-normed hidden states [B,S,H]; `caches` = (keys, values) Parameter tuples or None."""
+        cos, sin = self.rotary(position_ids)
+        if decode:
+            mask = decode_mask(caches[0][0].shape[2], valid_length)  # [B,1,1,S_max]
+        else:
+            mask = prefix_mask(inputs_embeds.shape[1], valid_length, prefix_length)  # [B,1,S,S]
+        x = inputs_embeds
+        for i in range(self.num_layers):
+            if caches is None:
+                x = self.layers[i](x, cos, sin, mask, None, None, valid_length, decode)
+            else:
+                x = self.layers[i](x, cos, sin, mask, caches[0][i], caches[1][i], valid_length, decode)
+        return self.final_norm(x)
+
+    def logits(self, hidden):
+        return self.lm_head(hidden).astype(ms.float32)  # [B,S,V]
+

@@ -15,7 +15,7 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from ..configuration import StrictConfig
 from ..layers import MLP, Embedding, LayerNorm, attention, dense, merge_heads, split_heads
-from .base import PositionScheme, decode_mask, prefix_mask, write_cache
+from .base import Decoder, PositionScheme, attend_cache, rotate_half
 
 
 @MindFormerRegister.register(MindFormerModuleType.CONFIG)
@@ -106,11 +106,6 @@ class GLMPositions(PositionScheme):
         return pos
 
 
-def rotate_half(x):
-    half = x.shape[-1] // 2
-    return ops.concat((-x[..., half:], x[..., :half]), axis=-1)
-
-
 class GLMRotary(nn.Cell):
     """RoPE tables for each half of a head (dim head_dim/2 each, inverse frequencies kept in fp32)."""
 
@@ -150,13 +145,7 @@ class GLMAttention(nn.Cell):
         q = apply_2d_rotary(split_heads(q, self.num_heads), cos, sin)  # [B,h,S,d]
         k = apply_2d_rotary(split_heads(k, self.num_heads), cos, sin)
         v = split_heads(v, self.num_heads)
-        if cache_k is not None:
-            k_all = write_cache(cache_k, k, valid_length, decode)
-            v_all = write_cache(cache_v, v, valid_length, decode)
-            if decode:
-                k, v = k_all, v_all  # attend over the whole cache; mask hides unwritten slots
-            else:
-                k, v = ops.depend(k, k_all), ops.depend(v, v_all)  # keep the cache writes in the graph
+        k, v = attend_cache(k, v, cache_k, cache_v, valid_length, decode)
         out = attention(q, k, v, mask)  # [B,h,S,d]
         return self.dense(merge_heads(out))
 
@@ -177,13 +166,11 @@ class GLMBlock(nn.Cell):
         return m * self.alpha + self.mlp(m)
 
 
-class GLMModel(nn.Cell):
+class GLMModel(Decoder):
     """GLM v1 decoder with the LLM interface of `llm/base.py`."""
 
     def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.num_layers = config.num_layers
+        super().__init__(config)
         self.word_embeddings = Embedding(config.vocab_size, config.hidden_size)
         self.rotary = GLMRotary(config.head_dim, config.rotary_base)
         self.layers = nn.CellList([GLMBlock(config) for _ in range(config.num_layers)])
@@ -197,20 +184,5 @@ class GLMModel(nn.Cell):
     def embed(self, input_ids):
         return self.word_embeddings(input_ids)  # [B,S,H]
 
-    def construct(self, inputs_embeds, position_ids, valid_length, prefix_length, caches=None, decode=False):
-        """Final-normed hidden states [B,S,H]; `caches` = (keys, values) Parameter tuples or None."""
-        cos, sin = self.rotary(position_ids)
-        if decode:
-            mask = decode_mask(caches[0][0].shape[2], valid_length)  # [B,1,1,S_max]
-        else:
-            mask = prefix_mask(inputs_embeds.shape[1], valid_length, prefix_length)  # [B,1,S,S]
-        x = inputs_embeds
-        for i in range(self.num_layers):
-            if caches is None:
-                x = self.layers[i](x, cos, sin, mask, None, None, valid_length, decode)
-            else:
-                x = self.layers[i](x, cos, sin, mask, caches[0][i], caches[1][i], valid_length, decode)
+    def final_norm(self, x):
         return self.final_layernorm(x)
-
-    def logits(self, hidden):
-        return self.lm_head(hidden).astype(ms.float32)  # [B,S,V]
