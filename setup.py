@@ -7,6 +7,7 @@ RUNTIME = [
     "mindpet==1.0.4",
     "numpy<2",
     "sentencepiece",
+    "tiktoken",
     "Pillow",
     "pyyaml",
     "tqdm",
