@@ -18,9 +18,9 @@ from mindformers.mindformer_book import MindFormerBook
 from mindformers.pipeline.base_pipeline import Pipeline
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-from .cli.common import DEFAULT_CONFIG
 from .generation.sampling import GenerationConfig
 from .inference import ChatRequest, finish_batch, generate_batch, prepare_batch
+from .paths import DEFAULT_CONFIG
 from .request_file import request_from_fields
 
 TASK = "image_to_text_generation"

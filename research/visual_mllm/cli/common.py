@@ -3,10 +3,7 @@ import functools
 import os
 import sys
 
-REPO_ROOT = os.environ.get("VISUAL_MLLM_HOME") or os.path.dirname(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "visualglm_tiny", "run_visualglm_tiny.yaml")
+from ..paths import DEFAULT_CONFIG
 
 
 def str2bool(value):

@@ -15,9 +15,9 @@ same command and trains its shard of each global batch; on one host start them w
 import argparse
 import os
 
-from .common import REPO_ROOT, fail_cleanly, set_device, str2bool
+from ..paths import DEMO_LORA_CONFIG as DEFAULT_CONFIG
+from .common import fail_cleanly, set_device, str2bool
 
-DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "visualglm_tiny", "lora.yaml")
 
 
 def build_parser():

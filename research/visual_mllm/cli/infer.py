@@ -15,8 +15,8 @@ import contextlib
 import os
 import sys
 
-from .common import (DEFAULT_CONFIG, REPO_ROOT, add_device_args, fail_cleanly, load_yaml_model, set_device,
-                     str2bool)
+from ..paths import DEFAULT_CONFIG, REPO_ROOT
+from .common import add_device_args, fail_cleanly, load_yaml_model, set_device, str2bool
 
 DEFAULT_IMAGE = os.path.join(REPO_ROOT, "examples", "images", "chelsea.png")
 DEFAULT_PROMPT = "描述这张图片。"

@@ -18,11 +18,9 @@ import os
 import shutil
 import sys
 
-from ..cli.common import DEFAULT_CONFIG as BASE_CONFIG, REPO_ROOT
+from ..paths import ASSETS_DIR, DEFAULT_CONFIG as BASE_CONFIG, DEMO_LORA_CONFIG as DEMO_CONFIG, REPO_ROOT
 
-PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGED_DEMO_LORA = os.path.join(PACKAGE_DIR, "assets", "demo", "visualglm_tiny_lora.ckpt")
-DEMO_CONFIG = os.path.join(REPO_ROOT, "configs", "visualglm_tiny", "lora.yaml")
+PACKAGED_DEMO_LORA = os.path.join(ASSETS_DIR, "demo", "visualglm_tiny_lora.ckpt")
 DEMO_DATASET = os.path.join(REPO_ROOT, "examples", "finetune", "dataset.json")
 
 

@@ -1,0 +1,16 @@
+"""Where things are (a leaf module: it imports nothing of the package).
+
+PACKAGE_DIR / ASSETS_DIR: the installed package and the data it ships (tiny tokenizers, the demo LoRA).
+REPO_ROOT: the source checkout the package was installed from in editable mode (`pip install -e .`),
+    or $VISUAL_MLLM_HOME; the run YAMLs under configs/ and the examples live there.
+"""
+import os
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+ASSETS_DIR = os.path.join(PACKAGE_DIR, "assets")
+REPO_ROOT = os.environ.get("VISUAL_MLLM_HOME") or os.path.dirname(os.path.dirname(PACKAGE_DIR))
+CONFIGS_DIR = os.path.join(REPO_ROOT, "configs")
+# the built-in demo model: what run_infer.py and the pipeline use when no config is given
+DEFAULT_CONFIG = os.path.join(CONFIGS_DIR, "visualglm_tiny", "run_visualglm_tiny.yaml")
+# the LoRA finetune of the demo model (configs/visualglm_tiny/lora.yaml): run_finetune.py's default
+DEMO_LORA_CONFIG = os.path.join(CONFIGS_DIR, "visualglm_tiny", "lora.yaml")
