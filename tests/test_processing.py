@@ -11,9 +11,8 @@ from PIL import Image
 from conftest import fixture_path, load_json
 from visual_mllm.processing.image import (CLIP_MEAN, CLIP_STD, BlipImageProcessor, ImageLoadError,
                                           load_image)
-from visual_mllm.processing.visualglm_prompt import (PromptBuilder, PromptTooLongError,
-                                                     VisualGLMPromptBuilder, process_response,
-                                                     prompt_budget)
+from visual_mllm.processing.prompt import PromptBuilder, PromptTooLongError, prompt_budget
+from visual_mllm.processing.visualglm_prompt import VisualGLMPromptBuilder, process_response
 
 
 # --- fixture helpers ---------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ builder, image processor and `decode_response`. One batch goes through three ste
     prepare_batch -> generate_batch -> finish_batch
 """
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -139,12 +139,21 @@ class StepClock:
 
 
 def generate_batch(model, processor, batch: PreparedBatch, generation_config, stream=False, use_past=None):
-    """(generated ids per row, Timings per row). With `stream`, row 0's answer is printed as it grows."""
+    """(generated ids per row, Timings per row). With `stream`, row 0's answer is printed as it grows.
+
+    The family's stop sequences (its prompt builder's) are added to generation_config's, and ids the
+    tokenizer cannot decode are never chosen.
+    """
+    stops = [list(seq) for seq in processor.prompt_builder.stop_sequences()]
+    generation_config = replace(generation_config,
+                                stop_sequences=[*map(list, generation_config.stop_sequences), *stops],
+                                vocab_limit=len(processor.tokenizer))
     streamer = None
     if stream:
         first_row, first_request = batch.rows[0], batch.requests[0]
         streamer = TextStreamer(
-            lambda ids: processor.decode_response(first_row.ids, ids, first_request.english))
+            lambda ids: processor.decode_response(first_row.ids, ids, first_request.english),
+            holdback=max((len(seq) for seq in generation_config.stop_sequences), default=1) - 1)
     start = time.perf_counter()
     image_embeds, encode_s = None, None
     if batch.pixel_values is not None:

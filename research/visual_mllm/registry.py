@@ -9,11 +9,12 @@ After the import these routes all give our classes:
 
 Registration (idempotent):
 
-* MindFormerRegister CONFIG: VisualGLMConfig, GLMConfig (by their modules), and here the sub-configs
-  ImageEncoderConfig, EvaViTConfig, QFormerConfig; MODELS: VisualGLMForConditionalGeneration;
-  PROCESSOR: VisualGLMProcessor, BlipImageProcessor; TOKENIZER: ChatGLMTokenizer; PIPELINE: the
-  ``image_to_text_generation`` task (``pipeline.py``), also added to MindFormerBook's pipeline task table.
-* AutoConfig by ``model_type`` for every config; AutoModel and AutoProcessor for VisualGLMConfig.
+* MindFormerRegister CONFIG: every family's composite config and decoder config (see ``families.py``)
+  and the image-side configs ImageEncoderConfig, EvaViTConfig, QFormerConfig; MODELS: every family's
+  model; PROCESSOR: VisionLanguageProcessor, VisualGLMProcessor, BlipImageProcessor; TOKENIZER: every
+  family's tokenizer; PIPELINE: the ``image_to_text_generation`` task (``pipeline.py``), also added to
+  MindFormerBook's pipeline task table.
+* AutoConfig by ``model_type`` for every config; AutoModel and AutoProcessor for every family's config.
 
 Tokenizer: ``vocab_file: null`` is ChatGLMTokenizer's own default, the tiny tokenizer shipped in
 ``visual_mllm/assets`` (PACKAGED_VOCAB_FILE). The key itself must be present: mindformers' build_tokenizer
@@ -32,19 +33,23 @@ from mindformers.models.build_model import build_model
 from mindformers.models.build_processor import build_processor
 from mindformers.tools.register import MindFormerConfig, MindFormerModuleType, MindFormerRegister
 
-from .llm.glm import GLMConfig
-from .models.processor import VisualGLMProcessor
-from .models.visualglm import VisualGLMConfig, VisualGLMForConditionalGeneration
+from .families import FAMILIES
+from .models.processor import VisionLanguageProcessor, VisualGLMProcessor
 from .pipeline import register_task as register_pipeline_task
 from .processing.image import BlipImageProcessor
-from .tokenizers.chatglm import PACKAGED_VOCAB_FILE, ChatGLMTokenizer
+from .tokenizers.chatglm import PACKAGED_VOCAB_FILE
 from .vision.eva_vit import EvaViTConfig
 from .vision.image_encoder import ImageEncoderConfig
 from .vision.qformer import QFormerConfig
 
-CONFIG_CLASSES = (VisualGLMConfig, GLMConfig, ImageEncoderConfig, EvaViTConfig, QFormerConfig)
-# (config class, model class, processor class) of every family
-FAMILIES = ((VisualGLMConfig, VisualGLMForConditionalGeneration, VisualGLMProcessor),)
+CONFIG_CLASSES = tuple(dict.fromkeys(
+    [cls for f in FAMILIES for cls in (f.config_class, f.config_class.llm_config_class)]
+    + [ImageEncoderConfig, EvaViTConfig, QFormerConfig]))
+
+
+def processor_class(family):
+    """The processor class a family's run YAML names (VisualGLM keeps its seed-era name)."""
+    return VisualGLMProcessor if family.name == "visualglm" else VisionLanguageProcessor
 
 
 # --- registration ------------------------------------------------------------------------------------
@@ -57,25 +62,17 @@ def register_all():
     for cls in CONFIG_CLASSES:
         _register(MindFormerModuleType.CONFIG, cls)
         AutoConfig.register(cls.model_type, cls, exist_ok=True)
-    for config_cls, model_cls, processor_cls in FAMILIES:
-        _register(MindFormerModuleType.MODELS, model_cls)
-        _register(MindFormerModuleType.PROCESSOR, processor_cls)
-        AutoModel.register(config_cls, model_cls, exist_ok=True)
-        AutoProcessor.register(config_cls, processor_cls, exist_ok=True)
-    _register(MindFormerModuleType.PROCESSOR, BlipImageProcessor)
-    _register(MindFormerModuleType.TOKENIZER, ChatGLMTokenizer)
+    for family in FAMILIES:
+        _register(MindFormerModuleType.MODELS, family.model_class)
+        _register(MindFormerModuleType.TOKENIZER, family.tokenizer_class)
+        AutoModel.register(family.config_class, family.model_class, exist_ok=True)
+        AutoProcessor.register(family.config_class, processor_class(family), exist_ok=True)
+    for cls in (VisionLanguageProcessor, VisualGLMProcessor, BlipImageProcessor):
+        _register(MindFormerModuleType.PROCESSOR, cls)
     register_pipeline_task()
 
 
 register_all()
-
-
-def family_model_class(family):
-    """The model class of a family name (as exported manifests record it)."""
-    for _, model_cls, _ in FAMILIES:
-        if model_cls.family == family:
-            return model_cls
-    raise ValueError(f"unknown model family {family!r}; known: {[m.family for _, m, _ in FAMILIES]}")
 
 
 # --- loading -----------------------------------------------------------------------------------------

@@ -168,7 +168,8 @@ class ExportedModel:
     def __init__(self, export_dir, backend=None, full_path=None, inc_path=None, manifest=None):
         from mindformers.models.build_config import build_model_config
 
-        from ..registry import family_model_class, read_run_config
+        from ..families import get as get_family
+        from ..registry import read_run_config
 
         self.export_dir = export_dir
         self.manifest = manifest or read_manifest(export_dir)
@@ -178,7 +179,7 @@ class ExportedModel:
         self.run_config_path = os.path.join(export_dir, self.manifest["run_config"])
         run_config = read_run_config(self.run_config_path, {"seq_length": self.manifest["seq_length"]})
         self.config = build_model_config(run_config.model.model_config)
-        self.positions = family_model_class(self.manifest["family"]).position_scheme(self.config.llm_config)
+        self.positions = get_family(self.manifest["family"]).model_class.position_scheme(self.config.llm_config)
         self.hidden_size = self.config.llm_config.hidden_size
         self.num_image_tokens = self.manifest["num_image_tokens"]
         full_path = full_path or os.path.join(export_dir, graphs["full"]["file"])

@@ -94,7 +94,7 @@ def check_fits(rows, max_new_tokens, seq_length):
 
 
 def generate(engine, rows: List[PromptRow], config: GenerationConfig, image_embeds=None, streamer=None):
-    """Token ids generated for each row (the end token excluded).
+    """Token ids generated for each row (the end token excluded; a stop sequence that ended a row included).
 
     image_embeds: numpy [B,Q,H] for the rows' placeholders (rows without an image ignore theirs).
     streamer: object with put(token_ids [B]) and end(), called as tokens are chosen (-1: row finished).
@@ -113,6 +113,7 @@ def generate(engine, rows: List[PromptRow], config: GenerationConfig, image_embe
     starts = image_starts(rows)
     engine.start(batch)
     chooser = TokenChooser(config)
+    stops = [list(map(int, seq)) for seq in config.stop_sequences if len(seq)]
     seen = [list(p) for p in prompts]
     outputs = [[] for _ in rows]
     done = np.zeros(batch, bool)
@@ -121,14 +122,17 @@ def generate(engine, rows: List[PromptRow], config: GenerationConfig, image_embe
     logits = engine.prefill(engine.embed(ids, image_embeds, starts), positions, valid, prefix)
     for step in range(config.max_new_tokens):
         tokens = chooser(logits, seen)
+        emitted = np.full(batch, -1, np.int64)  # what each row received this step (-1: nothing)
         for b in np.nonzero(~done)[0]:
             if tokens[b] == config.eos_token_id:
                 done[b] = True
             else:
+                emitted[b] = tokens[b]
                 outputs[b].append(int(tokens[b]))
                 seen[b].append(int(tokens[b]))
+                done[b] = any(outputs[b][-len(stop):] == stop for stop in stops)
         if streamer is not None:
-            streamer.put(np.where(done, -1, tokens))
+            streamer.put(emitted)
         if done.all() or step == config.max_new_tokens - 1:
             break
         feed = np.where(done, engine.pad_token_id, tokens).astype(np.int32)

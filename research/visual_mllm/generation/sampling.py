@@ -6,7 +6,7 @@ Order of the processors as in HF transformers and the reference demos:
 repetition penalty -> temperature -> top-k -> top-p.
 """
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -21,6 +21,12 @@ class GenerationConfig:
     repetition_penalty: float = 1.0  # 1.0 = off; >1 discourages tokens already in the row
     eos_token_id: Optional[int] = None
     seed: Optional[int] = None
+    # a row also stops when its generated ids end with one of these (kept in its ids; the prompt
+    # builder cuts the answer text before it), e.g. MiniGPT-4's "###" as [835] or [2277, 29937]
+    stop_sequences: Sequence[Sequence[int]] = ()
+    # ids >= this are never chosen: the LLM's vocabulary padding past the tokenizer (Qwen: 151936 rows,
+    # 151851 ids), which a trained model never emits and no tokenizer can decode; None = every row
+    vocab_limit: Optional[int] = None
 
     @classmethod
     def reference_demo(cls, **overrides):
@@ -90,7 +96,11 @@ class TokenChooser:
 
     def __call__(self, logits, seen):
         cfg = self.config
-        logits = apply_repetition_penalty(np.asarray(logits, np.float32), seen, cfg.repetition_penalty)
+        logits = np.asarray(logits, np.float32)
+        if cfg.vocab_limit is not None and cfg.vocab_limit < logits.shape[-1]:
+            logits = logits.copy()
+            logits[:, cfg.vocab_limit:] = -np.inf
+        logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
         if not cfg.do_sample:
             return np.argmax(logits, axis=-1)
         logits = filter_top_k_top_p(logits / cfg.temperature, cfg.top_k, cfg.top_p)

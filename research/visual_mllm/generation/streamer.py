@@ -8,11 +8,16 @@ import sys
 
 
 class TextStreamer:
-    def __init__(self, render, row=0, stream=None):
-        """render(generated_ids) -> the answer text so far (the family's decode + post-processing)."""
+    def __init__(self, render, row=0, stream=None, holdback=0):
+        """render(generated_ids) -> the answer text so far (the family's decode + post-processing).
+
+        holdback: tokens kept back until the answer ends: the longest stop sequence minus one, so that
+        the start of a stop sequence (MiniGPT-4's "##" before "#") is never printed.
+        """
         self.render = render
         self.row = row
         self.stream = stream or sys.stdout
+        self.holdback = holdback
         self.tokens = []
         self.printed = ""
 
@@ -28,7 +33,7 @@ class TextStreamer:
         self.stream.flush()
 
     def _flush(self, final):
-        text = self.render(self.tokens)
+        text = self.render(self.tokens if final or not self.holdback else self.tokens[:-self.holdback])
         if not final:
             # Hold back the last character: an incomplete UTF-8 sequence, or punctuation that the
             # post-processing may still change once its right-hand neighbour arrives.

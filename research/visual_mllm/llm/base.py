@@ -126,14 +126,20 @@ class Decoder(nn.Cell):
     layer loop with one cache slot per layer, the final norm and an untied `lm_head` computed to fp32.
 
     Subclasses build `rotary` (position_ids -> (cos, sin)), `layers` (blocks called as
-    `block(x, cos, sin, mask, cache_k, cache_v, valid_length, decode)`), `lm_head`, `positions`,
-    and implement `embed` and `final_norm`.
+    `block(x, cos, sin, mask, cache_k, cache_v, valid_length, decode)`) and `lm_head`, and implement
+    `embed`, `final_norm`, `cache_shape` and the classmethod `position_scheme(config)`.
     """
 
     def __init__(self, config):
         super().__init__()
         self.config = config
         self.num_layers = config.num_layers
+        self.positions = type(self).position_scheme(config)
+
+    @classmethod
+    def position_scheme(cls, config):
+        """The host-side PositionScheme of this decoder for `config`."""
+        raise NotImplementedError
 
     def final_norm(self, x):
         raise NotImplementedError

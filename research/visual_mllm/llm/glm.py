@@ -176,7 +176,10 @@ class GLMModel(Decoder):
         self.layers = nn.CellList([GLMBlock(config) for _ in range(config.num_layers)])
         self.final_layernorm = LayerNorm(config.hidden_size, config.layernorm_epsilon)
         self.lm_head = dense(config.hidden_size, config.vocab_size, has_bias=False)
-        self.positions = GLMPositions.from_config(config)
+
+    @classmethod
+    def position_scheme(cls, config):
+        return GLMPositions.from_config(config)
 
     def cache_shape(self, batch, seq_length):
         return (batch, self.config.num_heads, seq_length, self.config.head_dim)

@@ -145,7 +145,10 @@ class LlamaModel(Decoder):
         self.layers = nn.CellList([LlamaBlock(config) for _ in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.lm_head = dense(config.hidden_size, config.vocab_size, has_bias=False)
-        self.positions = CausalPositions()
+
+    @classmethod
+    def position_scheme(cls, config):
+        return CausalPositions()
 
     def cache_shape(self, batch, seq_length):
         return (batch, self.config.num_kv_heads, seq_length, self.config.head_dim)

@@ -1,19 +1,77 @@
 """What every family's model is: the shared image side + an LLM behind the interface of `llm/base.py`.
 
-A family (VisualGLM now; MiniGPT-4 and MiniGPT4Qwen later) subclasses `VisionLanguageModel` and says
-only which decoder it builds (`build_llm`). Image encoding, splicing, generation and weight loading
-are the same for all of them.
+A family subclasses `VisionLanguageConfig` (naming its decoder's config class) and `VisionLanguageModel`
+(naming its decoder class and checkpoint file names). Image encoding, splicing, generation and weight
+loading are the same for all of them.
 """
+import os
+
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 from mindformers.models.modeling_utils import PreTrainedModel
 
+from ..configuration import StrictConfig
 from ..generation.generator import EagerEngine, PromptRow, generate
 from ..generation.steps import splice_image
-from ..vision.image_encoder import ImageEncoder
+from ..vision.image_encoder import ImageEncoder, ImageEncoderConfig
 from .pretrained import PretrainedIOMixin
 from .weights import load_checkpoints
+
+
+class VisionLanguageConfig(StrictConfig):
+    """The whole model: towers, decoding context and where the weights are.
+
+    image_encoder_config / llm_config: nested configs (instances or dicts from YAML).
+    seq_length: the context generation works in: prompt + answer must fit (cache length with use_past).
+    use_past: decode with the KV cache (one token per step) instead of re-running the whole sequence.
+    image_placeholder: token id filling the image slots before splicing (SAT: pad id 3; HF: unk 0);
+        None = the LLM's pad id. Only its position matters for the output.
+    vit_checkpoint / qformer_checkpoint / llm_checkpoint: the split MindSpore checkpoints the converter
+        writes; or `checkpoint_name_or_path` for one file holding everything. None everywhere = random
+        weights (the built-in tiny demo; see `seed`).
+    seed: initialisation seed used when no checkpoint is given, so the demo model is reproducible.
+    """
+
+    llm_config_class = None  # set by each family: the config class of its decoder
+
+    def __init__(self, image_encoder_config=None, llm_config=None, seq_length=512, use_past=True,
+                 image_placeholder=None, vit_checkpoint=None, qformer_checkpoint=None, llm_checkpoint=None,
+                 seed=0, **kwargs):
+        self.image_encoder_config = self.sub_config(image_encoder_config, ImageEncoderConfig)
+        self.llm_config = self.sub_config(llm_config, self.llm_config_class)
+        self.seq_length = seq_length
+        self.use_past = use_past
+        self.image_placeholder = image_placeholder
+        self.vit_checkpoint = vit_checkpoint
+        self.qformer_checkpoint = qformer_checkpoint
+        self.llm_checkpoint = llm_checkpoint
+        self.seed = seed
+        super().__init__(**kwargs)
+
+    def checkpoint_files(self):
+        """The checkpoint files to load, [] for none; a half-configured split is an error."""
+        split = {"vit_checkpoint": self.vit_checkpoint, "qformer_checkpoint": self.qformer_checkpoint,
+                 "llm_checkpoint": self.llm_checkpoint}
+        if self.checkpoint_name_or_path:
+            if any(split.values()):
+                raise ValueError("set either checkpoint_name_or_path or the split *_checkpoint keys, not both")
+            return [self.checkpoint_name_or_path]
+        if not any(split.values()):
+            return []
+        unset = [key for key, value in split.items() if not value]
+        if unset:
+            raise ValueError(f"model_config sets only some split checkpoints; also set {', '.join(unset)}")
+        for key, path in split.items():
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{key}: checkpoint file not found: {path} (set model_config.{key})")
+        return list(split.values())
+
+    def to_dict(self):
+        output = super().to_dict()
+        output["image_encoder_config"] = self.image_encoder_config.to_dict()
+        output["llm_config"] = self.llm_config.to_dict()
+        return output
 
 
 class ProjectionMismatchError(ValueError):
@@ -43,20 +101,26 @@ class VisionLanguageModel(PretrainedIOMixin, PreTrainedModel):
             ms.set_seed(config.seed)  # no weights given: a reproducible random model (the built-in demo)
         check_projection(config.image_encoder_config, config.llm_config.hidden_size)
         self.image_encoder = ImageEncoder(config.image_encoder_config)
-        self.llm = self.build_llm(config.llm_config)
+        self.llm = self.llm_class(config.llm_config)
         self._engines = {}
         if checkpoints:
             load_checkpoints(self, checkpoints)
 
-    family = None  # short family name, recorded in exported manifests
+    family = None  # short family name, recorded in exported manifests and conversion outputs
+    llm_class = None  # the family's decoder (a `llm.base.Decoder`)
+    # file names (without extension) of the split checkpoints the converter and the merge step write
+    split_files = None
 
-    def build_llm(self, llm_config):
-        raise NotImplementedError
-
-    @staticmethod
-    def position_scheme(llm_config):
+    @classmethod
+    def position_scheme(cls, llm_config):
         """The family's host-side PositionScheme (exported graphs need it without the model)."""
-        raise NotImplementedError
+        return cls.llm_class.position_scheme(llm_config)
+
+    @property
+    def placeholder_id(self):
+        """The token id that fills the image slots of a prompt before the image embeddings replace them."""
+        ph = self.config.image_placeholder
+        return self.config.llm_config.pad_token_id if ph is None else ph
 
     @property
     def num_image_tokens(self):
@@ -88,4 +152,4 @@ class VisionLanguageModel(PretrainedIOMixin, PreTrainedModel):
         return generate(self.engine(use_past), rows, generation_config, image_embeds, streamer)
 
 
-__all__ = ["VisionLanguageModel", "PromptRow", "ProjectionMismatchError", "check_projection"]
+__all__ = ["VisionLanguageConfig", "VisionLanguageModel", "PromptRow", "ProjectionMismatchError", "check_projection"]

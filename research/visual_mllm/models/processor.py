@@ -1,17 +1,17 @@
-"""VisualGLMProcessor: image preprocessing + ChatGLM tokenizer + VisualGLM prompt format in one object.
+"""VisionLanguageProcessor: image preprocessing + the family's tokenizer and prompt format in one object.
 
 Built from the ``processor`` section of a run YAML (``build_processor`` / ``AutoProcessor``):
 
     processor:
-      type: VisualGLMProcessor
+      type: VisionLanguageProcessor      # VisualGLMProcessor: the same, placeholder "pad" by default
       image_processor: {type: BlipImageProcessor, image_size: 224}
-      tokenizer: {type: ChatGLMTokenizer, vocab_file: ...}
+      tokenizer: {type: ChatGLMTokenizer, vocab_file: ...}   # the family's tokenizer
       # optional: num_image_tokens (default: taken from the model config), image_placeholder
 
-How many image placeholder ids a prompt holds (the Q-Former query count) and which id fills them are
-properties of the *model*; ``configure_for_model(model_config)`` takes them from a ``VisualGLMConfig``
-(``visual_mllm.load_from_yaml`` does this). Values given to the processor itself must agree with the
-model, otherwise ``configure_for_model`` refuses the pair.
+The prompt format, how many image placeholder ids a prompt holds (the Q-Former query count) and which
+id fills them are properties of the *model*; ``configure_for_model(model_config)`` takes them from the
+model config and its family record (``visual_mllm.load_from_yaml`` does this). Values given to the
+processor itself must agree with the model, otherwise ``configure_for_model`` refuses the pair.
 """
 from typing import Optional, Sequence
 
@@ -19,7 +19,8 @@ import numpy as np
 from mindformers.models.processing_utils import ProcessorMixin
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-from ..processing.visualglm_prompt import History, VisualGLMPromptBuilder
+from .. import families
+from ..processing.prompt import History, PromptBuilder
 
 
 class ProcessorModelMismatchError(ValueError):
@@ -27,16 +28,16 @@ class ProcessorModelMismatchError(ValueError):
 
 
 @MindFormerRegister.register(MindFormerModuleType.PROCESSOR)
-class VisualGLMProcessor(ProcessorMixin):
+class VisionLanguageProcessor(ProcessorMixin):
     """Turns (query, image, history) into model inputs and generated ids into the answer text.
 
     Args:
         image_processor: a ``BlipImageProcessor`` (any mindformers ``BaseImageProcessor`` returning
             float32 numpy [B,3,H,W]).
-        tokenizer: a ``ChatGLMTokenizer``.
+        tokenizer: the family's tokenizer.
         num_image_tokens: placeholder ids per image (= Q-Former queries); None = set later from the
             model config (``configure_for_model``).
-        image_placeholder: "pad" (SAT, default), "unk" (HF remote code) or an explicit token id.
+        image_placeholder: an explicit token id, "pad" / "unk" (the tokenizer's), or None (the model's).
     """
 
     attributes = ["image_processor", "tokenizer"]
@@ -45,15 +46,18 @@ class VisualGLMProcessor(ProcessorMixin):
     tokenizer_class = "PreTrainedTokenizerBase"
 
     def __init__(self, image_processor=None, tokenizer=None, num_image_tokens: Optional[int] = None,
-                 image_placeholder="pad", **kwargs):
+                 image_placeholder=None, **kwargs):
         super().__init__(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
         self.num_image_tokens = None if num_image_tokens is None else int(num_image_tokens)
         self.image_placeholder = image_placeholder
+        self.builder_class = None  # the family's PromptBuilder, set by configure_for_model
         self._builder = None
 
     # -- binding to a model --------------------------------------------------------------------------
     def configure_for_model(self, model_config):
-        """Take the image token count and placeholder from a VisualGLMConfig; refuse contradicting values."""
+        """Take the prompt format, image token count and placeholder from a model config; refuse
+        contradicting values."""
+        self.builder_class = families.family_of(model_config).prompt_builder_class
         queries = int(model_config.image_encoder_config.qformer_config.num_query_tokens)
         if self.num_image_tokens is not None and self.num_image_tokens != queries:
             raise ProcessorModelMismatchError(
@@ -96,22 +100,20 @@ class VisualGLMProcessor(ProcessorMixin):
                 f"{llm_config.vocab_size}")
 
     @property
-    def prompt_builder(self) -> VisualGLMPromptBuilder:
+    def prompt_builder(self) -> PromptBuilder:
         if self._builder is None:
-            if self.num_image_tokens is None:
+            if self.builder_class is None:
                 raise ValueError(
-                    "VisualGLMProcessor does not know how many image tokens a prompt holds: set "
-                    "processor.num_image_tokens in the YAML, or call configure_for_model(model.config) "
-                    "(visual_mllm.load_from_yaml does this)")
-            self._builder = VisualGLMPromptBuilder(self.tokenizer, self.num_image_tokens,
-                                                   placeholder=self.image_placeholder)
+                    f"{type(self).__name__} is not bound to a model (prompt format, num_image_tokens, "
+                    "placeholder): call configure_for_model(model.config) (visual_mllm.load_from_yaml does this)")
+            self._builder = self.builder_class(self.tokenizer, self.num_image_tokens, self.image_placeholder)
         return self._builder
 
     # -- inputs and outputs --------------------------------------------------------------------------
     def preprocess_image(self, image) -> np.ndarray:
         """One image (path, PIL image or HWC array) -> float32 numpy [1,3,H,W]."""
         if isinstance(image, (list, tuple)):
-            raise TypeError("VisualGLMProcessor takes one image per conversation, got a "
+            raise TypeError(f"{type(self).__name__} takes one image per conversation, got a "
                             f"{type(image).__name__} of {len(image)}")
         pixel_values = np.asarray(self.image_processor(image), dtype=np.float32)
         if pixel_values.ndim == 3:
@@ -141,7 +143,7 @@ class VisualGLMProcessor(ProcessorMixin):
 
     def decode_response(self, input_ids: Sequence[int], generated_ids: Sequence[int],
                         english: bool = False) -> str:
-        """The answer text as the reference chat() returns it (generated ids may include <eop>)."""
+        """The answer text as the family's reference chat code returns it."""
         return self.prompt_builder.decode_response(input_ids, generated_ids, english=english)
 
     def __repr__(self):
@@ -150,4 +152,13 @@ class VisualGLMProcessor(ProcessorMixin):
                 f"tokenizer={type(self.tokenizer).__name__})")
 
 
-__all__ = ["VisualGLMProcessor", "ProcessorModelMismatchError"]
+@MindFormerRegister.register(MindFormerModuleType.PROCESSOR)
+class VisualGLMProcessor(VisionLanguageProcessor):
+    """The seed-era name of VisualGLM run YAMLs; its placeholder defaults to "pad" (SAT's)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, num_image_tokens: Optional[int] = None,
+                 image_placeholder="pad", **kwargs):
+        super().__init__(image_processor, tokenizer, num_image_tokens, image_placeholder, **kwargs)
+
+
+__all__ = ["VisionLanguageProcessor", "VisualGLMProcessor", "ProcessorModelMismatchError"]

@@ -27,9 +27,13 @@ import sentencepiece as spm
 from mindformers.models.tokenization_utils import PreTrainedTokenizer
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
+from ..paths import ASSETS_DIR
+
 __all__ = ["VicunaTokenizer"]
 
 VOCAB_FILE_NAME = "tokenizer.model"
+# the tiny LLaMA-layout tokenizer shipped for the tiny MiniGPT-4 (`vocab_file: null` in its run YAML)
+PACKAGED_VOCAB_FILE = os.path.join(ASSETS_DIR, "vicuna_tiny", VOCAB_FILE_NAME)
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 # the stop words of MiniGPT-4's demo, as pieces (demo.py: [[835], [2277, 29937]] for Vicuna)
 MINIGPT4_STOP_PIECES = (("###",), ("##", "#"))
@@ -74,9 +78,10 @@ class VicunaTokenizer(PreTrainedTokenizer):
     FILE_LIST = [TOKENIZER_CONFIG_FILE]
     model_input_names = ["input_ids", "attention_mask"]
 
-    def __init__(self, vocab_file, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token=None,
+    def __init__(self, vocab_file=None, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token=None,
                  add_bos_token=True, add_eos_token=False, sp_model_kwargs=None,
                  clean_up_tokenization_spaces=False, **kwargs):
+        vocab_file = PACKAGED_VOCAB_FILE if vocab_file is None else vocab_file
         # The model must be loaded before the base class initialises: it queries the vocabulary.
         self.sp_model = load_sentencepiece(vocab_file, sp_model_kwargs)
         self.vocab_file = vocab_file

@@ -30,9 +30,13 @@ import tiktoken
 from mindformers.models.tokenization_utils import AddedToken, PreTrainedTokenizer
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
+from ..paths import ASSETS_DIR
+
 __all__ = ["QWenTokenizer"]
 
 VOCAB_FILE_NAME = "qwen.tiktoken"
+# the tiny Qwen-layout vocabulary shipped for the tiny MiniGPT4Qwen (`vocab_file: null` in its run YAML)
+PACKAGED_VOCAB_FILE = os.path.join(ASSETS_DIR, "qwen_tiny", VOCAB_FILE_NAME)
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 PAT_STR = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"""
            r"""|\s+(?!\S)|\s+""")
@@ -90,7 +94,8 @@ class QWenTokenizer(PreTrainedTokenizer):
     FILE_LIST = [TOKENIZER_CONFIG_FILE]
     model_input_names = ["input_ids", "attention_mask"]
 
-    def __init__(self, vocab_file, errors="replace", **kwargs):
+    def __init__(self, vocab_file=None, errors="replace", **kwargs):
+        vocab_file = PACKAGED_VOCAB_FILE if vocab_file is None else vocab_file
         ranks = load_tiktoken_ranks(vocab_file)
         self.vocab_file = vocab_file
         self.errors = errors

@@ -1,0 +1,73 @@
+"""MiniGPT-4 (Vicuna v0) prompts: `CONV_VISION_Vicuna0` of MiniGPT-4's conversation code.
+
+* text: the system prompt, then `###Human: {q}###Assistant: {a}` per history turn and
+  `###Human: {query}###Assistant: ` (trailing space). With an image, the first question of the
+  conversation (the oldest history turn's, else the query) is `<Img><ImageHere></Img> {question}`.
+* ids: the text is split at `<ImageHere>`; the first segment is tokenised with BOS, the second without
+  (both get sentencepiece's dummy prefix); N placeholder ids stand between them, replaced later by the
+  N projected image embeddings.
+* answer: generation stops at `###` (the pieces `###`, or `##` `#`: the tokenizer's `stop_words_ids`) or
+  at `</s>`; the text is `decode(ids, skip_special_tokens=True).split('###')[0].split('Assistant:')[-1].strip()`.
+"""
+from typing import List, Sequence
+
+from .prompt import History, PromptBuilder, PromptIds
+
+IMAGE_HERE = "<ImageHere>"
+IMAGE_TAG = f"<Img>{IMAGE_HERE}</Img>"
+SEPARATOR = "###"
+ROLES = ("Human: ", "Assistant: ")
+SYSTEM = ("Give the following image: <Img>ImageContent</Img>. You will be able to see the image once I "
+          "provide it to you. Please answer my questions.")
+
+
+def refuse_english(family, english):
+    """Families with one prompt language have no `english` switch (VisualGLM's Q:/A: format)."""
+    if english:
+        raise ValueError(f"english=True is VisualGLM's Q:/A: prompt format; {family} prompts have no such "
+                         "switch (leave it false)")
+
+
+class MiniGPT4PromptBuilder(PromptBuilder):
+    """MiniGPT-4 prompts (tokenizer: `VicunaTokenizer`)."""
+
+    def __init__(self, tokenizer, num_image_tokens: int, placeholder="unk", system: str = SYSTEM):
+        super().__init__(tokenizer, num_image_tokens, placeholder)
+        self.system = system
+
+    def build_prompt(self, query: str, history: History = (), has_image: bool = False,
+                     english: bool = False) -> str:
+        refuse_english("MiniGPT-4", english)
+        questions = [q for q, _ in history] + [query]
+        if has_image:
+            questions[0] = f"{IMAGE_TAG} {questions[0]}"
+        ask, answer = ROLES
+        parts = [self.system + SEPARATOR]
+        for question, (_, old_answer) in zip(questions, history):
+            parts.append(f"{ask}{question}{SEPARATOR}{answer}{old_answer}{SEPARATOR}")
+        parts.append(f"{ask}{questions[-1]}{SEPARATOR}{answer}")
+        return "".join(parts)
+
+    def build_ids(self, query: str, history: History = (), has_image: bool = False,
+                  english: bool = False) -> PromptIds:
+        prompt = self.build_prompt(query, history, has_image=has_image, english=english)
+        if not has_image:
+            return PromptIds(self._encode(prompt, True), None, self.num_image_tokens, prompt)
+        head, tail = prompt.split(IMAGE_HERE)
+        first = self._encode(head, True)
+        ids = first + [self.placeholder_id] * self.num_image_tokens + self._encode(tail, False)
+        return PromptIds(ids, len(first), self.num_image_tokens, prompt)
+
+    def _encode(self, text, bos) -> List[int]:
+        return [int(i) for i in self.tokenizer(text, add_special_tokens=bos)["input_ids"]]
+
+    def stop_sequences(self) -> List[List[int]]:
+        return [list(ids) for ids in self.tokenizer.stop_words_ids]
+
+    def postprocess(self, text: str, english: bool = False) -> str:
+        return text.split(SEPARATOR)[0].split("Assistant:")[-1].strip()
+
+    def decode_response(self, input_ids: Sequence[int], generated_ids: Sequence[int],
+                        english: bool = False) -> str:
+        text = self.tokenizer.decode([int(i) for i in generated_ids], skip_special_tokens=True)
+        return self.postprocess(text, english)

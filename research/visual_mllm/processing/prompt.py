@@ -1,0 +1,142 @@
+"""The prompt contract every model family implements, and what it shares.
+
+A family's `PromptBuilder` turns (query, history, has_image) into the prompt text and its token ids
+with the place of the image placeholders (`PromptIds`), fits the history into a token budget, and
+turns generated ids back into the answer text. Shared code (inference, chat, pipeline, export,
+finetune) only uses this interface; `english` is VisualGLM's language switch (its Q:/A: format),
+which families with one prompt language refuse.
+"""
+import abc
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+History = Sequence[Tuple[str, str]]
+
+class PromptTooLongError(ValueError):
+    """The prompt does not fit the token budget even with every history turn dropped."""
+
+    def __init__(self, message: str, needed: int, budget: int):
+        super().__init__(message)
+        self.needed = needed
+        self.budget = budget
+
+    @property
+    def over_by(self) -> int:
+        return self.needed - self.budget
+
+
+@dataclass
+class PromptIds:
+    """Token ids of one prompt and where the image placeholders are.
+
+    ``image_start`` is the index of the first placeholder (``pre_image`` in the reference code) or
+    None for a text-only prompt (the reference passes ``pre_image=0`` there, which means "no image").
+    """
+
+    input_ids: List[int]
+    image_start: Optional[int]
+    num_image_tokens: int
+    prompt: str
+
+    @property
+    def has_image(self) -> bool:
+        return self.image_start is not None
+
+    @property
+    def pre_image(self) -> int:
+        """The reference's value: the placeholder start, or 0 for text-only prompts."""
+        return 0 if self.image_start is None else self.image_start
+
+    @property
+    def image_span(self) -> Optional[Tuple[int, int]]:
+        """[start, end) of the placeholder ids, or None."""
+        if self.image_start is None:
+            return None
+        return self.image_start, self.image_start + self.num_image_tokens
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def prompt_budget(max_length: int, max_new_tokens: int) -> int:
+    """Tokens left for the prompt when ``max_new_tokens`` must fit in a context of ``max_length``."""
+    budget = int(max_length) - int(max_new_tokens)
+    if budget <= 0:
+        raise PromptTooLongError(
+            f"no room for a prompt: max_new_tokens ({max_new_tokens}) leaves {budget} of the "
+            f"{max_length}-token context", needed=1, budget=budget)
+    return budget
+
+
+class PromptBuilder(abc.ABC):
+    """What a model family's prompt code provides to the chat/generation loop.
+
+    Built as ``cls(tokenizer, num_image_tokens, placeholder)``: the family's tokenizer, the number of
+    image placeholder ids a prompt holds (the Q-Former queries) and the id that fills them: an int,
+    or "pad" / "unk" for the tokenizer's pad / unk id.
+    """
+
+    def __init__(self, tokenizer, num_image_tokens: int, placeholder: Union[str, int]):
+        if int(num_image_tokens) <= 0:
+            raise ValueError(f"num_image_tokens must be positive, got {num_image_tokens!r}")
+        self.tokenizer = tokenizer
+        self.num_image_tokens = int(num_image_tokens)
+        self.placeholder_id = self._resolve_placeholder(tokenizer, placeholder)
+
+    @staticmethod
+    def _resolve_placeholder(tokenizer, placeholder) -> int:
+        if isinstance(placeholder, bool):
+            raise ValueError(f"placeholder must be 'pad', 'unk' or an int id, got {placeholder!r}")
+        if isinstance(placeholder, int):
+            return placeholder
+        names = {"pad": "pad_token_id", "unk": "unk_token_id"}
+        if placeholder not in names:
+            raise ValueError(f"placeholder must be 'pad', 'unk' or an int id, got {placeholder!r}")
+        value = getattr(tokenizer, names[placeholder], None)
+        if value is None:
+            raise ValueError(f"tokenizer has no {names[placeholder]} to use as the image placeholder")
+        return int(value)
+
+    def stop_sequences(self) -> List[List[int]]:
+        """Id sequences that end an answer when the generated ids end with one (besides the LLM's eos)."""
+        return []
+
+    @abc.abstractmethod
+    def decode_response(self, input_ids: Sequence[int], generated_ids: Sequence[int],
+                        english: bool = False) -> str:
+        """The answer text of `generated_ids` (which may end with a stop sequence) after the prompt `input_ids`."""
+
+    @abc.abstractmethod
+    def build_prompt(self, query: str, history: History = (), has_image: bool = False,
+                     english: bool = False) -> str:
+        """The prompt text of one turn."""
+
+    @abc.abstractmethod
+    def build_ids(self, query: str, history: History = (), has_image: bool = False,
+                  english: bool = False) -> PromptIds:
+        """Token ids of one turn, with the image placeholder location."""
+
+    @abc.abstractmethod
+    def postprocess(self, text: str, english: bool = False) -> str:
+        """The answer from the decoded text."""
+
+    def fit_history(self, query: str, history: History, max_prompt_tokens: int,
+                    has_image: bool = False, english: bool = False) -> Tuple[List[Tuple[str, str]], PromptIds]:
+        """Drop the oldest history turns until the prompt has at most ``max_prompt_tokens`` ids.
+
+        Returns (kept history, ids). Raises PromptTooLongError if even the bare query (no history)
+        is too long, saying by how many tokens.
+        """
+        turns = [tuple(turn) for turn in history]
+        for start in range(len(turns) + 1):
+            kept = turns[start:]
+            ids = self.build_ids(query, kept, has_image=has_image, english=english)
+            if len(ids) <= max_prompt_tokens:
+                return kept, ids
+        dropped = f" with all {len(turns)} history turn(s) dropped" if turns else ""
+        raise PromptTooLongError(
+            f"prompt too long: the query alone{dropped} needs {len(ids)} tokens "
+            f"({'with' if has_image else 'without'} the image placeholders) but the budget is "
+            f"{max_prompt_tokens}; it is over by {len(ids) - max_prompt_tokens} token(s). "
+            "Shorten the query or lower max_new_tokens.",
+            needed=len(ids), budget=max_prompt_tokens)
