@@ -27,6 +27,17 @@ def fixture_path(*parts):
     return path
 
 
+def npz_prefix(sample, arrays=None):
+    """The npz key prefix of a reference sample: its name up to the first `_` (`s1_image_two_turn` -> `s1`).
+
+    With `arrays`, checks that the npz really holds that sample under the prefix (same prompt ids)."""
+    prefix = sample["name"].split("_", 1)[0]
+    if arrays is not None:
+        assert f"{prefix}_input_ids" in arrays, f"{sample['name']}: no {prefix}_input_ids in the npz"
+        assert arrays[f"{prefix}_input_ids"].tolist() == sample["input_ids"], f"{sample['name']}: npz prefix {prefix}"
+    return prefix
+
+
 def load_json(*parts):
     with open(fixture_path(*parts), encoding="utf-8") as f:
         return json.load(f)

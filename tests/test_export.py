@@ -6,13 +6,15 @@ exported graphs reproduce the reference tokens of every sample.
 """
 import json
 import os
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO_ROOT, fixture_path, load_json
+from conftest import REPO_ROOT, fixture_path, load_json, npz_prefix
 
 TINY_YAML = os.path.join(REPO_ROOT, "configs", "visualglm_tiny", "run_visualglm_tiny.yaml")
 IMAGES = os.path.join(REPO_ROOT, "examples", "images")
@@ -108,13 +110,16 @@ def test_shapes_that_were_not_exported_are_refused(tiny, tiny_export):
     model, processor = tiny
     exported = ExportedModel(str(tiny_export))
     rows, pixels = prepared(processor, REQUESTS)
+    vit = model.config.image_encoder_config.vit_config
     with pytest.raises(ExportMismatchError, match="exported for batch_size 2"):
         exported.generate_ids(rows, greedy(model), pixels)
     long_row = PromptRow(rows[1].ids[:-2] * 8 + rows[1].ids[-2:])
     with pytest.raises(ContextOverflowError, match="seq_length 96"):
         exported.generate_ids([long_row], greedy(model))
-    with pytest.raises(ExportMismatchError, match=r"exported for \[2, 3, 56, 56\]"):
-        exported.run("image_encoder", np.zeros((2, 3, 32, 32), np.float32))
+    exported_shape = [2, vit.in_channels, vit.image_size, vit.image_size]
+    with pytest.raises(ExportMismatchError, match=re.escape(f"exported for {exported_shape}")):
+        exported.run("image_encoder", np.zeros((2, vit.in_channels, vit.image_size // 2, vit.image_size // 2),
+                                               np.float32))
 
 
 def test_damaged_exports_are_refused(tiny_export, tmp_path):
@@ -176,9 +181,11 @@ def reference():
     return load_json("visualglm", "reference.json")
 
 
-def reference_rows(reference, processor):
+def reference_rows(reference, processor, model):
     from visual_mllm.generation.generator import PromptRow
 
+    vit = model.config.image_encoder_config.vit_config
+    blank = np.zeros((vit.in_channels, vit.image_size, vit.image_size), np.float32)  # text-only rows
     rows, pixels = [], []
     for sample in reference["samples"]:
         image = str(fixture_path("visualglm", sample["image"])) if sample["image"] else None
@@ -186,8 +193,7 @@ def reference_rows(reference, processor):
         assert item["input_ids"] == sample["input_ids"], sample["name"]
         rows.append(PromptRow(item["input_ids"], item["image_start"]))
         pixels.append(None if image is None else item["pixel_values"][0])
-    shape = next(p.shape for p in pixels if p is not None)
-    return rows, np.stack([np.zeros(shape, np.float32) if p is None else p for p in pixels])
+    return rows, np.stack([blank if p is None else p for p in pixels])
 
 
 @pytest.mark.parametrize("batch_size,use_past", [(1, True), (1, False), (2, True)])
@@ -203,19 +209,19 @@ def test_exported_reference_model_gives_the_reference_tokens(converted_visualglm
     seq_length = longest + reference["n_new_tokens"]
     export(model, processor, yaml_path, tmp_path / "x", batch_size, seq_length, use_past)
     exported = ExportedModel(str(tmp_path / "x"))
-    rows, pixels = reference_rows(reference, exported.load_processor())
+    rows, pixels = reference_rows(reference, exported.load_processor(), model)
     config = GenerationConfig(max_new_tokens=reference["n_new_tokens"],
                               eos_token_id=model.config.llm_config.eos_token_id)
-    if batch_size == 1:
-        outputs = [exported.generate_ids([r], config, pixels[i:i + 1])[0] for i, r in enumerate(rows)]
-    else:  # rows of different lengths together, then the last one alone (padded to the batch)
-        outputs = exported.generate_ids(rows[:2], config, pixels[:2]) + exported.generate_ids(rows[2:], config, pixels[2:])
+    # consecutive rows (of different lengths) together; a last partial batch is padded to the batch size
+    outputs = []
+    for start in range(0, len(rows), batch_size):
+        outputs += exported.generate_ids(rows[start:start + batch_size], config, pixels[start:start + batch_size])
     assert outputs == [s["generated_ids"] for s in reference["samples"]]
     arrays = np.load(fixture_path("visualglm", "reference.npz"))
     for k, sample in enumerate(reference["samples"]):
         if sample["image"]:
-            np.testing.assert_allclose(exported.encode_images(pixels[k:k + 1])[0], arrays[f"s{k}_image_embeds"],
-                                       atol=1e-4)
+            np.testing.assert_allclose(exported.encode_images(pixels[k:k + 1])[0],
+                                       arrays[f"{npz_prefix(sample, arrays)}_image_embeds"], atol=1e-4)
             np.testing.assert_allclose(exported.encode_images(pixels[k:k + 1]), model.encode_images(pixels[k:k + 1]),
                                        atol=1e-5)
 
@@ -223,23 +229,37 @@ def test_exported_reference_model_gives_the_reference_tokens(converted_visualglm
 # ----- the command lines, as a user runs them ------------------------------------------------------
 
 def run_script(script, cwd, *args):
+    """The finished process; stdout/stderr decoded as UTF-8 without newline translation (model text may
+    hold \\r or any other character)."""
     import subprocess
     import sys
 
     env = dict(os.environ, LOCAL_DEFAULT_PATH=str(cwd / "output"))
-    return subprocess.run([sys.executable, os.path.join(REPO_ROOT, script), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+    result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, script), *args], cwd=cwd, env=env,
+                            capture_output=True, timeout=900, stdin=subprocess.DEVNULL)
+    result.stdout = result.stdout.decode("utf-8", errors="replace")
+    result.stderr = result.stderr.decode("utf-8", errors="replace")
+    return result
+
+
+def read_jsonl(path):
+    """One record per line; split at \\n only (str.splitlines() would also split at characters that
+    model text may hold)."""
+    return [json.loads(line) for line in Path(path).read_bytes().decode("utf-8").split("\n") if line.strip()]
 
 
 @pytest.fixture(scope="module")
 def lite_workdir(converted_visualglm, reference, tmp_path_factory):
-    """Exports the converted fixture with export_lite_model.py; writes samples.jsonl beside images/."""
+    """Exports the converted fixture with export_lite_model.py; writes samples.jsonl beside the fixture's
+    image folder(s), so that the samples' relative image paths resolve from the JSONL file's folder."""
     folder = tmp_path_factory.mktemp("lite_cli")
-    os.symlink(fixture_path("visualglm", "images"), folder / "images")
     lines = []
     for s in reference["samples"]:
         fields = {"prompt": s["query"], "history": s["history"], "english": s["english"]}
         if s["image"]:
+            top = Path(s["image"]).parts[0]  # e.g. images/
+            if not (folder / top).exists():
+                os.symlink(fixture_path("visualglm", top), folder / top)
             fields["image"] = s["image"]
         lines.append(json.dumps(fields, ensure_ascii=False))
     (folder / "samples.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -263,19 +283,23 @@ def test_lite_mode_cli_gives_the_reference_ids(lite_workdir, reference, locate):
                         "--output_file", f"{locate}.jsonl", "--batch_size", "2", "--do_sample", "False",
                         "--max_new_tokens", str(reference["n_new_tokens"]))
     assert result.returncode == 0, result.stderr[-3000:]
-    records = [json.loads(line) for line in (folder / f"{locate}.jsonl").read_text(encoding="utf-8").splitlines()]
+    records = read_jsonl(folder / f"{locate}.jsonl")
     assert [r["generated_ids"] for r in records] == [s["generated_ids"] for s in reference["samples"]]
     assert [r["response"] for r in records] == [s["response"] for s in reference["samples"]]
 
 
+SEQ_LENGTH_OFF = "exported seq_length + 1"  # placeholder: a length the graphs were not exported for
+
+
 @pytest.mark.parametrize("flags,words", [
     (["--batch_size", "3"], "larger than the graphs take"),
-    (["--seq_length", "7"], "does not match the graphs"),
+    (["--seq_length", SEQ_LENGTH_OFF], "does not match the graphs"),
     (["--lora_checkpoint", "x.ckpt"], "export with export_lite_model.py --lora_checkpoint"),
     (["--ge_config", "bad.cfg"], "bad.cfg line 2"),
 ])
 def test_lite_mode_cli_errors(lite_workdir, flags, words):
-    folder, _ = lite_workdir
+    folder, seq_length = lite_workdir
+    flags = [str(seq_length + 1) if flag == SEQ_LENGTH_OFF else flag for flag in flags]
     (folder / "bad.cfg").write_text("[ascend_context]\nprovider\n")
     result = run_script("run_infer.py", folder, "--mode", "lite", "--export_dir", "lite", *flags)
     assert result.returncode == 2, result.stdout

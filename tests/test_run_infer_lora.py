@@ -26,7 +26,9 @@ def lora_case(tmp_path_factory):
     from visual_mllm.request_file import request_from_fields
 
     ms.set_context(mode=ms.GRAPH_MODE)
-    sample = next(s for s in load_json("visualglm", "reference.json")["samples"] if s["image"])
+    sample = next((s for s in load_json("visualglm", "reference.json")["samples"] if s["image"]), None)
+    if sample is None:
+        pytest.skip("the VisualGLM fixture has no sample with an image")
     fields = {"image": str(fixture_path("visualglm", sample["image"])), "prompt": sample["query"]}
     ids = {}
     for name in ("base", "lora"):
@@ -52,8 +54,8 @@ def test_lora_checkpoint_is_applied(lora_case, tmp_path):
     result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "run_infer.py"), "--lora_checkpoint", path,
                              "--input_file", "in.jsonl", "--output_file", "out.jsonl", "--do_sample", "False",
                              "--max_new_tokens", str(NEW_TOKENS)],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-                            stdin=subprocess.DEVNULL)
-    assert result.returncode == 0, result.stderr[-3000:]
-    with open(tmp_path / "out.jsonl", encoding="utf-8") as f:
-        assert json.loads(f.readline())["generated_ids"] == lora_ids
+                            cwd=tmp_path, env=env, capture_output=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr.decode("utf-8", errors="replace")[-3000:]
+    # the first record, split at \n only: the answer text may hold any other line-break character
+    first_line = (tmp_path / "out.jsonl").read_bytes().decode("utf-8").split("\n")[0]
+    assert json.loads(first_line)["generated_ids"] == lora_ids
