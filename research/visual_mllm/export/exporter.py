@@ -92,8 +92,12 @@ def _run_config(model, processor_section, tokenizer, vocab_name):
     for key in CHECKPOINT_KEYS:
         model_config.pop(key, None)
     processor = json.loads(json.dumps(processor_section))  # plain, deep copy
-    processor.setdefault("tokenizer", {}).update(vocab_file=os.path.join("tokenizer", vocab_name),
-                                                 num_image_tokens=tokenizer.num_image_tokens)
+    section = processor.setdefault("tokenizer", {})
+    section["vocab_file"] = os.path.join("tokenizer", vocab_name)
+    if hasattr(tokenizer, "num_image_tokens"):
+        # the ChatGLM tokenizer shifts every id by this (0 in the released config, 20000 by class
+        # default): the value in use goes with the copied vocab file, which alone would not give it
+        section["num_image_tokens"] = tokenizer.num_image_tokens
     return {"model": {"model_config": model_config, "arch": {"type": type(model).__name__}},
             "processor": processor}
 
@@ -105,9 +109,9 @@ def export_model(model, processor_section, tokenizer, output_dir, batch_size, se
     processor_section: the run YAML's processor section; tokenizer: the processor's tokenizer (its
     vocab file is copied into the folder, so the export needs nothing from outside it).
     """
-    if seq_length > model.config.llm_config.max_sequence_length:
-        raise ValueError(f"seq_length {seq_length} exceeds the LLM's max_sequence_length "
-                         f"{model.config.llm_config.max_sequence_length}")
+    if seq_length > model.config.llm_config.max_position_embeddings:
+        raise ValueError(f"seq_length {seq_length} exceeds the LLM's context length "
+                         f"{model.config.llm_config.max_position_embeddings}")
     if batch_size < 1 or seq_length < 2:
         raise ValueError(f"batch_size must be >= 1 and seq_length >= 2, got {batch_size} and {seq_length}")
     llm = model.llm

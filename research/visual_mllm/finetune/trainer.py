@@ -222,10 +222,10 @@ def finetune(options: RunOptions) -> RunResult:
     model, processor = load_from_yaml(options.config)
     llm_config = model.config.llm_config
     data = load_dataset(cfg.dataset, processor)
-    if cfg.dataset.max_length > llm_config.max_sequence_length:
+    if cfg.dataset.max_length > llm_config.max_position_embeddings:
         raise FinetuneConfigError(
             f"max_source_length + max_target_length = {cfg.dataset.max_length} exceeds the LLM's "
-            f"max_sequence_length {llm_config.max_sequence_length}")
+            f"context length {llm_config.max_position_embeddings}")
     _say(options, rank, f"dataset: {data.path} ({data.format}): {len(data.samples)} samples from "
                         f"{data.total_rows} rows, padded to {cfg.dataset.max_length} tokens")
     for warning in data.warnings:

@@ -56,6 +56,12 @@ class GLMConfig(StrictConfig):
     def head_dim(self):
         return self.hidden_size // self.num_heads
 
+    @property
+    def max_position_embeddings(self):
+        """The context length under the name shared code reads for every decoder (GLM calls it
+        max_sequence_length)."""
+        return self.max_sequence_length
+
 
 class GLMPositions(PositionScheme):
     """GLM's 2-D positions, found in the ids as the released code finds them.
