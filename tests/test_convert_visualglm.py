@@ -506,6 +506,23 @@ def test_sat_config_round_trips():
         assert to_sat(config_from_sat(model_config, eos_token_id=None)) == model_config
 
 
+def test_optional_mlp_widths_round_trip_as_written():
+    """The MLP widths SAT defaults to 4 x hidden are written only when a release wrote them: the real
+    VisualGLM config leaves the Q-Former's out, a config with another width spells it out."""
+    from visual_mllm.convert.visualglm_sat import config_from_sat, sat_model_config as to_sat
+
+    model_config = sat_model_config()
+    qformer = model_config["qformer_args"]
+    default = 4 * qformer["hidden_size"]
+    omitted = json.loads(json.dumps(model_config))
+    omitted["qformer_args"].pop("inner_hidden_size", None)
+    spelled = json.loads(json.dumps(model_config))
+    spelled["qformer_args"]["inner_hidden_size"] = default + 8  # not SAT's default
+    for case in (omitted, spelled):
+        assert to_sat(config_from_sat(case, eos_token_id=None)) == case
+    assert config_from_sat(omitted, None).image_encoder_config.qformer_config.intermediate_size == default
+
+
 # ----------------------------------------------------------------------------------------- failures
 
 def break_state(tmp_path, case):
