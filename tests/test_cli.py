@@ -97,3 +97,19 @@ def test_bad_input_is_one_clear_line(tmp_path, case):
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert expect in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("family", ["visualglm", "minigpt4", "minigpt4qwen"])
+def test_sampling_defaults_come_from_the_family_and_greedy_is_plain(family):
+    from visual_mllm.cli.infer import build_parser, generation_config
+    from visual_mllm.families import get
+
+    demo = get(family).sampling
+    default = generation_config(build_parser().parse_args([]), get(family), 7)
+    assert default.do_sample == demo["do_sample"] and default.eos_token_id == 7
+    for name, value in demo.items():
+        assert getattr(default, name) == value, name
+    greedy = generation_config(build_parser().parse_args(["--do_sample", "False"]), get(family), 7)
+    assert (greedy.do_sample, greedy.repetition_penalty) == (False, 1.0)  # no demo penalty when greedy
+    given = generation_config(build_parser().parse_args(["--do_sample", "True", "--top_p", "0.3"]), get(family), 7)
+    assert given.do_sample and given.top_p == 0.3

@@ -51,12 +51,14 @@ def build_parser():
                    help="LoRA weights (run_finetune.py) to load on top of the model; the demo config uses the "
                         "packaged demo LoRA unless this is 'none'")
     p.add_argument("--max_new_tokens", type=int, default=64)
-    p.add_argument("--do_sample", type=str2bool, default=True,
-                   help="sample with the reference demo settings below (default); False = greedy")
-    p.add_argument("--top_k", type=int, default=100)
-    p.add_argument("--top_p", type=float, default=0.4)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--repetition_penalty", type=float, default=1.2)
+    p.add_argument("--do_sample", type=str2bool, default=None,
+                   help="sample (True) or decode greedily (False); default: the family's reference demo "
+                        "(VisualGLM and MiniGPT-4 sample, MiniGPT4Qwen's cli_demo is greedy)")
+    p.add_argument("--top_k", type=int, default=None, help="default: the family's demo (VisualGLM 100)")
+    p.add_argument("--top_p", type=float, default=None, help="default: the family's demo (VisualGLM 0.4)")
+    p.add_argument("--temperature", type=float, default=None, help="default: the family's demo (VisualGLM 0.8)")
+    p.add_argument("--repetition_penalty", type=float, default=None,
+                   help="default: the family's demo when sampling (VisualGLM 1.2), 1.0 (off) when greedy")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--stream", type=str2bool, default=None,
                    help="print tokens as they come (default: on a terminal); batches of one request only")
@@ -110,15 +112,21 @@ def requests_from_args(args):
     return out
 
 
-def generation_config(args, eos_token_id):
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "repetition_penalty")
+
+
+def generation_config(args, family, eos_token_id):
+    """The GenerationConfig of the flags, defaulting to the family's reference demo settings. Greedy
+    (--do_sample False) is plain greedy: the sampling flags only apply when given."""
     from ..generation.sampling import GenerationConfig
 
-    return GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                            temperature=args.temperature if args.do_sample else 1.0,
-                            top_k=args.top_k if args.do_sample else 0,
-                            top_p=args.top_p if args.do_sample else 1.0,
-                            repetition_penalty=args.repetition_penalty if args.do_sample else 1.0,
-                            eos_token_id=eos_token_id, seed=args.seed)
+    demo = family.sampling
+    do_sample = demo.get("do_sample", False) if args.do_sample is None else args.do_sample
+    values = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
+    if do_sample:
+        values = {**{k: v for k, v in demo.items() if k in SAMPLING_FLAGS}, **values}
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=do_sample, eos_token_id=eos_token_id,
+                            seed=args.seed, **values)
 
 
 def load_model(args):
@@ -198,7 +206,10 @@ def main(argv=None):
         from ..request_file import result_record, write_record
 
         model, processor = load_model(args)
-        run = make_runner(args, model, processor, generation_config(args, model.config.llm_config.eos_token_id))
+        from ..families import family_of
+
+        gen = generation_config(args, family_of(model.config), model.config.llm_config.eos_token_id)
+        run = make_runner(args, model, processor, gen)
         stream = sys.stdout.isatty() if args.stream is None else args.stream
 
         def report(fields, result):

@@ -28,13 +28,6 @@ class GenerationConfig:
     # 151851 ids), which a trained model never emits and no tokenizer can decode; None = every row
     vocab_limit: Optional[int] = None
 
-    @classmethod
-    def reference_demo(cls, **overrides):
-        """The VisualGLM demos' sampling defaults (top_p 0.4, top_k 100, temperature 0.8, penalty 1.2)."""
-        values = dict(do_sample=True, top_p=0.4, top_k=100, temperature=0.8, repetition_penalty=1.2)
-        values.update(overrides)
-        return cls(**values)
-
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
