@@ -14,6 +14,7 @@ import re
 import socket
 import subprocess
 
+from ..atomic import write_text_atomic
 from ..json_file import read_json
 
 HCCN_CONF = "/etc/hccn.conf"
@@ -108,11 +109,7 @@ def generate(device_range, output_dir=".", server_ip=None, hccn_conf=HCCN_CONF):
             ips[d] = ip
     table = build_rank_table(device_ids, server_ip, ips)
     path = os.path.join(output_dir, rank_table_file_name(device_ids, server_ip))
-    tmp = path + ".partial"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(table, f, indent=4)
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(table, indent=4))
 
 
 def _require(condition, message):

@@ -18,6 +18,7 @@ import mindspore as ms
 from mindformers.models.build_config import build_model_config
 from mindformers.tools.register import MindFormerConfig, MindFormerModuleType, MindFormerRegister
 
+from ..atomic import write_atomic
 from ..configuration import StrictConfig
 
 DEFAULT_SAVE_NAME = "mindspore_model"
@@ -38,12 +39,6 @@ def config_to_yaml_dict(config, top_level=True):
             value = list(value)
         out[key] = value
     return out
-
-
-def _write_atomic(path, write):
-    tmp = os.path.join(os.path.dirname(path), ".partial." + os.path.basename(path))
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _paths(directory, save_name):
@@ -73,13 +68,13 @@ class PretrainedIOMixin:
         document = {"model": {"model_config": model_config, "arch": {"type": type(self).__name__}}}
         params = [{"name": p.name, "data": p} for p in self.get_parameters()]
         # MindSpore appends ".ckpt" to a name without it: keep the suffix on the temporary name
-        _write_atomic(ckpt_path, lambda tmp: ms.save_checkpoint(params, tmp))
+        write_atomic(ckpt_path, lambda tmp: ms.save_checkpoint(params, tmp))
 
         def write_yaml(tmp):
             with open(tmp, "w", encoding="utf-8") as file:
                 file.write(f"# {type(self).__name__} saved by save_pretrained; weights: {save_name}.ckpt\n")
                 yaml.safe_dump(document, file, sort_keys=False, allow_unicode=True)
-        _write_atomic(yaml_path, write_yaml)
+        write_atomic(yaml_path, write_yaml)
         return yaml_path, ckpt_path
 
     @classmethod

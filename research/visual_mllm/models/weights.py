@@ -8,6 +8,8 @@ import os
 
 import mindspore as ms
 
+from ..atomic import write_atomic
+
 # Which parameters each split checkpoint holds (by name prefix). The Q-Former file also carries
 # ln_vision and the projection, as the older MindFormers port wrote it.
 SPLIT_PARTS = {
@@ -93,9 +95,7 @@ def save_split_checkpoints(model, output_dir, file_names):
     os.makedirs(output_dir, exist_ok=True)
     paths = {}
     for part, params in split_state(model).items():
-        path = os.path.join(output_dir, file_names[part])
-        tmp = os.path.join(output_dir, ".partial." + file_names[part])  # MindSpore keeps a .ckpt suffix
-        ms.save_checkpoint([{"name": n, "data": p} for n, p in params.items()], tmp)
-        os.replace(tmp, path)
-        paths[part] = path
+        records = [{"name": n, "data": p} for n, p in params.items()]
+        paths[part] = write_atomic(os.path.join(output_dir, file_names[part]),
+                                   lambda tmp, records=records: ms.save_checkpoint(records, tmp))
     return paths
