@@ -38,6 +38,17 @@ def npz_prefix(sample, arrays=None):
     return prefix
 
 
+def case_params(*parts):
+    """One pytest parameter per case of a fixture's cases file (its "cases" list, ids = case names), or
+    one skipped parameter saying what is missing when the fixtures are absent (for @parametrize)."""
+    path = fixtures_root().joinpath(*parts)
+    if not path.is_file():
+        reason = f"fixture {path} not found (set VISUAL_MLLM_FIXTURES to the shared/fixtures folder)"
+        return [pytest.param(None, marks=pytest.mark.skip(reason=reason))]
+    with open(path, encoding="utf-8") as cases_file:
+        return [pytest.param(case, id=case["name"]) for case in json.load(cases_file)["cases"]]
+
+
 def load_json(*parts):
     with open(fixture_path(*parts), encoding="utf-8") as f:
         return json.load(f)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from conftest import REPO_ROOT, fixture_path, load_json, npz_prefix
 

@@ -4,7 +4,6 @@ Fixtures: ``tokenizer/chatglm`` (tiny ``ice_text.model``, the published ``tokeni
 ``cases.json``) and ``visualglm/reference.json`` / ``reference.npz`` (prompt ids and GLM masks of
 the VisualGLM references). Every expected value is read from them.
 """
-import json
 import os
 
 import numpy as np
@@ -13,24 +12,14 @@ import pytest
 # before MindSpore sets PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python, and MindSpore's import then fails.
 from mindformers.models import sentencepiece_model_pb2
 
-from conftest import fixture_path, fixtures_root, load_json, npz_prefix
+from conftest import case_params, fixture_path, load_json, npz_prefix
 from visual_mllm.tokenizers.chatglm import ChatGLMTokenizer
 
 TOKENIZER_DIR = ("tokenizer", "chatglm")
 CASES_FILE = TOKENIZER_DIR + ("cases.json",)
 
 
-def _case_params():
-    """One parameter per case of cases.json, or a single skipped parameter if the fixtures are absent."""
-    path = fixtures_root().joinpath(*CASES_FILE)
-    if not path.is_file():
-        reason = f"fixture {path} not found (set VISUAL_MLLM_FIXTURES to the shared/fixtures folder)"
-        return [pytest.param(None, marks=pytest.mark.skip(reason=reason))]
-    with open(path, encoding="utf-8") as cases_file:
-        return [pytest.param(case, id=case["name"]) for case in json.load(cases_file)["cases"]]
-
-
-CASES = _case_params()
+CASES = case_params(*CASES_FILE)
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,11 @@ Fixtures: ``minigpt4/tokenizer_cases.json`` (cases and facts recorded from the r
 ``minigpt4/vicuna-tiny/tokenizer.model``) and ``minigpt4/reference.json`` (prompt segments, generated
 ids, stop words of the MiniGPT-4 references). Every expected value is read from them.
 """
-import json
 import os
 
 import pytest
 
-from conftest import fixture_path, fixtures_root, load_json
+from conftest import case_params, fixture_path, load_json
 from visual_mllm.tokenizers.llama import VicunaTokenizer
 
 TOKENIZER_DIR = ("minigpt4", "vicuna-tiny")
@@ -17,17 +16,7 @@ CASES_FILE = ("minigpt4", "tokenizer_cases.json")
 REFERENCE_FILE = ("minigpt4", "reference.json")
 
 
-def _case_params():
-    """One parameter per case of tokenizer_cases.json, or a single skipped parameter if the fixtures are absent."""
-    path = fixtures_root().joinpath(*CASES_FILE)
-    if not path.is_file():
-        reason = f"fixture {path} not found (set VISUAL_MLLM_FIXTURES to the shared/fixtures folder)"
-        return [pytest.param(None, marks=pytest.mark.skip(reason=reason))]
-    with open(path, encoding="utf-8") as cases_file:
-        return [pytest.param(case, id=case["name"]) for case in json.load(cases_file)["cases"]]
-
-
-CASES = _case_params()
+CASES = case_params(*CASES_FILE)
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,11 @@ base64 of their bytes) and ``minigpt4qwen/reference.json`` (prompts, ids and gen
 the MiniGPT4Qwen references). Every expected value is read from them.
 """
 import base64
-import json
 import os
 
 import pytest
 
-from conftest import fixture_path, fixtures_root, load_json
+from conftest import case_params, fixture_path, load_json
 from visual_mllm.tokenizers.qwen import QWenTokenizer
 
 TOKENIZER_DIR = ("minigpt4qwen", "ckpt", "Qwen7B-chat")
@@ -19,17 +18,7 @@ CASES_FILE = ("minigpt4qwen", "tokenizer_cases.json")
 REFERENCE_FILE = ("minigpt4qwen", "reference.json")
 
 
-def _case_params():
-    """One parameter per case of tokenizer_cases.json, or a single skipped parameter if the fixtures are absent."""
-    path = fixtures_root().joinpath(*CASES_FILE)
-    if not path.is_file():
-        reason = f"fixture {path} not found (set VISUAL_MLLM_FIXTURES to the shared/fixtures folder)"
-        return [pytest.param(None, marks=pytest.mark.skip(reason=reason))]
-    with open(path, encoding="utf-8") as cases_file:
-        return [pytest.param(case, id=case["name"]) for case in json.load(cases_file)["cases"]]
-
-
-CASES = _case_params()
+CASES = case_params(*CASES_FILE)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ S (--seq_length) is the whole context: prompt + answer tokens of a row, and the 
 Run the result with `run_infer.py --mode lite --export_dir DIR` (add `--ge_config context.cfg` on Ascend).
 """
 import argparse
-import sys
 
 from .common import DEFAULT_CONFIG, add_device_args, fail_cleanly, load_yaml_model, set_device, str2bool
 

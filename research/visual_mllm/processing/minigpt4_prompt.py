@@ -11,7 +11,7 @@
 """
 from typing import List, Sequence
 
-from .prompt import History, PromptBuilder, PromptIds
+from .prompt import History, PromptBuilder, PromptIds, conversation_questions
 
 IMAGE_HERE = "<ImageHere>"
 IMAGE_TAG = f"<Img>{IMAGE_HERE}</Img>"
@@ -38,9 +38,7 @@ class MiniGPT4PromptBuilder(PromptBuilder):
     def build_prompt(self, query: str, history: History = (), has_image: bool = False,
                      english: bool = False) -> str:
         refuse_english("MiniGPT-4", english)
-        questions = [q for q, _ in history] + [query]
-        if has_image:
-            questions[0] = f"{IMAGE_TAG} {questions[0]}"
+        questions = conversation_questions(query, history, IMAGE_TAG + " " if has_image else None)
         ask, answer = ROLES
         parts = [self.system + SEPARATOR]
         for question, (_, old_answer) in zip(questions, history):

@@ -58,6 +58,15 @@ class PromptIds:
         return len(self.input_ids)
 
 
+def conversation_questions(query: str, history: History, image_tag: Optional[str]) -> List[str]:
+    """The questions of a conversation, oldest first; with an `image_tag`, the first one carries it (the
+    image belongs to the conversation's first turn, and every turn re-sends it there)."""
+    questions = [question for question, _ in history] + [query]
+    if image_tag is not None:
+        questions[0] = image_tag + questions[0]
+    return questions
+
+
 def prompt_budget(max_length: int, max_new_tokens: int) -> int:
     """Tokens left for the prompt when ``max_new_tokens`` must fit in a context of ``max_length``."""
     budget = int(max_length) - int(max_new_tokens)

@@ -14,7 +14,7 @@
 from typing import List, Sequence
 
 from .minigpt4_prompt import IMAGE_HERE, IMAGE_TAG, refuse_english
-from .prompt import History, PromptBuilder, PromptIds
+from .prompt import History, PromptBuilder, PromptIds, conversation_questions
 
 IMAGE_PLACEHOLDER = "<|extra_0|>"
 SYSTEM = "You are a helpful assistant."
@@ -33,9 +33,7 @@ class QwenPromptBuilder(PromptBuilder):
     def build_prompt(self, query: str, history: History = (), has_image: bool = False,
                      english: bool = False) -> str:
         refuse_english("MiniGPT4Qwen", english)
-        questions = [q for q, _ in history] + [query]
-        if has_image:
-            questions[0] = IMAGE_TAG + questions[0]
+        questions = conversation_questions(query, history, IMAGE_TAG if has_image else None)
         parts = [f"<|im_start|>system\n{self.system}<|im_end|>"]
         for question, (_, answer) in zip(questions, history):
             parts.append(f"\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>")
