@@ -54,22 +54,72 @@ def load_json(*parts):
         return json.load(f)
 
 
-@pytest.fixture(scope="session")
-def converted_visualglm(tmp_path_factory):
-    """The tiny SAT fixture converted by `convert_weight.py` as a user runs it: the output folder.
-
-    The folder holds the split checkpoints, manifest.json and exactly one YAML for run_infer.py.
-    """
+def run_converter(out, *args):
+    """`convert_weight.py ARGS` as a user runs it (a subprocess in `out`); returns the finished process."""
     import subprocess
     import sys
 
     script = REPO_ROOT / "convert_weight.py"
     if not script.exists():
         pytest.skip("convert_weight.py is not written yet")
-    source = fixture_path("visualglm", "sat", "visualglm-tiny")
-    out = tmp_path_factory.mktemp("converted_visualglm")
     env = dict(os.environ, LOCAL_DEFAULT_PATH=str(out / "log"))
-    result = subprocess.run([sys.executable, str(script), "--torch_path", str(source), "--output_dir", str(out / "model")],
-                            cwd=out, env=env, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+    return subprocess.run([sys.executable, str(script), *map(str, args)], cwd=out, env=env, capture_output=True,
+                          text=True, timeout=900, stdin=subprocess.DEVNULL)
+
+
+def converted(out, *args):
+    """The output folder of a conversion that must succeed: `convert_weight.py ARGS --output_dir out/model`."""
+    result = run_converter(out, *args, "--output_dir", out / "model")
     assert result.returncode == 0, result.stderr[-3000:]
     return out / "model"
+
+
+@pytest.fixture(scope="session")
+def converted_visualglm(tmp_path_factory):
+    """The tiny SAT fixture converted by `convert_weight.py` as a user runs it: the output folder.
+
+    The folder holds the split checkpoints, manifest.json and exactly one YAML for run_infer.py.
+    """
+    source = fixture_path("visualglm", "sat", "visualglm-tiny")
+    return converted(tmp_path_factory.mktemp("converted_visualglm"), "--torch_path", source)
+
+
+# The four sources of each MiniGPT-4-style fixture (--eva_vit_path, --qformer_path, --proj_path, --llm_path).
+BLIP2_FAMILY_SOURCES = {
+    "minigpt4": (("minigpt4", "eva_vit_g.pth"), ("minigpt4", "blip2_pretrained_flant5xxl.pth"),
+                 ("minigpt4", "pretrained_minigpt4.pth"), ("minigpt4", "vicuna-tiny")),
+    "minigpt4qwen": (("minigpt4qwen", "ckpt", "eva", "eva_vit_g.pth"),
+                     ("minigpt4qwen", "ckpt", "blip2", "blip2_pretrained_flant5xxl.pth"),
+                     ("minigpt4qwen", "model.pth"), ("minigpt4qwen", "ckpt", "Qwen7B-chat")),
+}
+SOURCE_FLAGS = ("--eva_vit_path", "--qformer_path", "--proj_path", "--llm_path")
+
+
+def blip2_family_heads(family):
+    """(ViT heads, Q-Former heads) of a fixture: in no weight file, so read from the fixture's own records."""
+    if family == "minigpt4":
+        sizes = load_json("minigpt4", "reference.json")["sizes"]
+        return sizes["vit"]["num_heads"], sizes["qformer_bert_config"]["num_attention_heads"]
+    vit = load_json("minigpt4qwen", "reference.json")["meta"]["sizes"]["vit"]
+    return vit["heads"], load_json("minigpt4qwen", "ckpt", "bert-base-uncased", "config.json")["num_attention_heads"]
+
+
+def blip2_family_args(family, **replace):
+    """convert_weight.py arguments for a fixture; `replace` = {flag without dashes: path} swaps a source."""
+    args = ["--model_type", family]
+    for flag, parts in zip(SOURCE_FLAGS, BLIP2_FAMILY_SOURCES[family]):
+        args += [flag, replace.get(flag[2:], fixture_path(*parts))]
+    vit_heads, qformer_heads = blip2_family_heads(family)
+    return args + ["--vit_num_heads", vit_heads, "--qformer_num_heads", qformer_heads]
+
+
+@pytest.fixture(scope="session")
+def converted_minigpt4(tmp_path_factory):
+    """The tiny MiniGPT-4 fixture (EVA, BLIP-2, llama_proj, Vicuna safetensors) converted by convert_weight.py."""
+    return converted(tmp_path_factory.mktemp("converted_minigpt4"), *blip2_family_args("minigpt4"))
+
+
+@pytest.fixture(scope="session")
+def converted_minigpt4qwen(tmp_path_factory):
+    """The tiny MiniGPT4Qwen fixture (EVA, BLIP-2, model.pth's llm_proj, Qwen v1) converted by convert_weight.py."""
+    return converted(tmp_path_factory.mktemp("converted_minigpt4qwen"), *blip2_family_args("minigpt4qwen"))

@@ -1,32 +1,39 @@
 """What every conversion job shares, whatever the family: the checks before any tensor is read, the
-split MindSpore output files, HF-style shards, and the manifest.
+split MindSpore output files with the run YAML and manifest that describe them, HF-style shards.
 
 Split output (as the older MindFormers port wrote it, and as the YAML keys vit_checkpoint /
 qformer_checkpoint / llm_checkpoint load it): `vit`, `qformer` (with ln_vision and the projection) and
-`llm` follow models.weights.SPLIT_PARTS; `llm_embedding` repeats the LLM's word embedding table alone
+`llm` follow models.weights.SPLIT_PARTS; `llm_embedding` repeats the LLM's token embedding table alone
 (for Lite mode, where only the embedding runs in MindSpore); `llm_lora` holds LoRA weights kept apart.
+A family's job reads its sources and plans; `write_mindspore` writes everything or nothing.
 """
 import datetime
 import json
 import os
 import re
 import sys
+import tempfile
 import time
 
+import yaml
 from mindspore.nn.utils import no_init_parameters
 
 from ..finetune.lora import LORA_PARAMS
+from ..layers import Embedding
 from ..models.base import ProjectionMismatchError
+from ..models.pretrained import config_to_yaml_dict
 from ..models.weights import SPLIT_PARTS
-from .engine import execute, planned_outputs, tool_versions
-from .readers import ConversionError
-from .writers import CkptWriter, SafetensorsWriter, TorchBinWriter
+from ..registry import load_processor_from_yaml, processor_class
+from .engine import DTYPES, BackgroundHashes, execute, planned_outputs, tool_versions
+from .keymap import Plan, Rule, Step
+from .readers import ConversionError, Source
+from .writers import CkptWriter, OutputFiles, SafetensorsWriter, TorchBinWriter
 
 PROJECTION_WEIGHT = "image_encoder.projection.weight"
-LLM_EMBEDDING = "llm.word_embeddings.weight"
 LORA_SUFFIXES = tuple("." + name for name in LORA_PARAMS)
 MINDSPORE_WRITERS = {"ckpt": CkptWriter, "safetensors": SafetensorsWriter}
 MANIFEST = "manifest.json"
+YAML_KEYS = {"vit": "vit_checkpoint", "qformer": "qformer_checkpoint", "llm": "llm_checkpoint"}
 
 
 def check_projection(source, rules, llm_hidden_size, config_name):
@@ -38,25 +45,61 @@ def check_projection(source, rules, llm_hidden_size, config_name):
             if width != llm_hidden_size:
                 raise ProjectionMismatchError(
                     f"{source.description}: {key} {list(source[key].shape)} outputs {width} features, but the "
-                    f"LLM hidden size is {llm_hidden_size} ({config_name}): the projection belongs to another LLM")
+                    f"LLM hidden size is {llm_hidden_size} ({config_name}): the projection belongs to another LLM size "
+                    f"(likely cause: a 13B projection with a 7B LLM, or the reverse)")
             return
+
+
+def model_parameters(model_cls, config):
+    """({parameter name: shape}, name of the LLM's token embedding table) of the model a config builds.
+
+    No weights are allocated or initialised. The embedding is the weight of the decoder's Embedding
+    cell, under whatever name the decoder gives it (GLM `word_embeddings`, LLaMA `embed_tokens`).
+    """
+    with no_init_parameters():
+        model = model_cls(config)
+    embeddings = [cell.weight.name for _, cell in model.llm.cells_and_names() if isinstance(cell, Embedding)]
+    if len(embeddings) != 1:
+        raise ConversionError(f"{model_cls.__name__}: expected one token embedding in the LLM, found {embeddings}")
+    return {param.name: tuple(param.shape) for param in model.get_parameters()}, embeddings[0]
 
 
 def model_parameter_shapes(model_cls, config):
     """{parameter name: shape} of the model a config builds (no weights are allocated or initialised)."""
-    with no_init_parameters():
-        model = model_cls(config)
-    return {param.name: tuple(param.shape) for param in model.get_parameters()}
+    return model_parameters(model_cls, config)[0]
 
 
-def mindspore_parts(name):
-    """The split output parts a converted parameter goes to."""
+def mindspore_parts(name, embedding):
+    """The split output parts a converted parameter goes to; `embedding` also goes to llm_embedding."""
     if name.endswith(LORA_SUFFIXES):
         return ["llm_lora"]
     parts = [part for part, prefixes in SPLIT_PARTS.items() if name.startswith(prefixes)]
     if len(parts) != 1:
         raise ConversionError(f"{name} belongs to no split checkpoint part")
-    return parts + (["llm_embedding"] if name == LLM_EMBEDDING else [])
+    return parts + (["llm_embedding"] if name == embedding else [])
+
+
+def planned_parts(the_plan, embedding):
+    """The split output parts the targets of a plan go to."""
+    return {part for name in the_plan.targets for part in mindspore_parts(name, embedding)}
+
+
+def combine_plans(plans, description):
+    """One Plan over the sources of several plans ({label: Plan}), e.g. one per file a family reads.
+
+    Source keys become `<label>:<key>`, so that two files may hold the same key name.
+    """
+    tensors, files, steps, ignored = {}, [], [], []
+    for label, part in plans.items():
+        def named(key, label=label):
+            return f"{label}:{key}"
+
+        tensors.update((named(key), tensor) for key, tensor in part.source.items())
+        files += part.source.files
+        steps += [Step(Rule(tuple(map(named, step.rule.sources)), step.rule.targets, step.rule.transform),
+                       step.outputs) for step in part.steps]
+        ignored += map(named, part.ignored)
+    return Plan(Source(tensors, files, description), steps, ignored)
 
 
 def write_plan(plan, files, parts_of, writer_for, dtype, description):
@@ -80,6 +123,120 @@ def write_plan(plan, files, parts_of, writer_for, dtype, description):
     execute(plan, routes, dtype, description)
     return {part: dict(writer.close(), path=files[part]) for part, writer in writers.items()}
 
+
+# ----------------------------------------------------------------------------------------- to MindSpore
+
+def part_files(model_cls):
+    """part -> default output file name (no extension): the model's split files, the embedding-only
+    file and the kept-LoRA file named after its LLM file."""
+    llm = model_cls.split_files["llm"]
+    return dict(model_cls.split_files, llm_embedding=f"{llm}_embedding", llm_lora=f"{llm}_lora")
+
+
+def writer_class(part, file_format):
+    """Kept LoRA weights are always a .ckpt: the finetune LoRA checkpoint format (it holds a text entry)."""
+    return CkptWriter if part == "llm_lora" else MINDSPORE_WRITERS[file_format]
+
+
+def output_files(output_dir, file_format, names, overrides, parts):
+    """{part: final path}: `<output_dir>/<names[part]>.<format>` unless overrides gives the part's path."""
+    files = {}
+    for part in parts:
+        extension = writer_class(part, file_format).suffix
+        path = overrides.get(part) or os.path.join(output_dir, names[part] + extension)
+        if not path.endswith(extension):
+            raise ConversionError(f"{path}: the output file of part {part} must end in {extension} (--format "
+                                  f"{file_format}; MindSpore picks the reader by the extension)")
+        files[part] = os.path.abspath(path)
+    return files
+
+
+def run_yaml_name(family):
+    return f"run_{family.name}.yaml"
+
+
+def run_yaml(family, config, checkpoints, tokenizer):
+    """The run YAML (as a dict) of a family's config, its checkpoint files {part: path} and the
+    processor's tokenizer section (vocab_file and the tokenizer's other arguments)."""
+    model_config = config_to_yaml_dict(config)
+    for part, key in YAML_KEYS.items():
+        model_config[key] = checkpoints[part]
+    return {"seed": 0, "run_mode": "predict",
+            "model": {"model_config": model_config, "arch": {"type": family.model_class.__name__}},
+            "processor": {"type": processor_class(family).__name__,
+                          "image_processor": {"type": "BlipImageProcessor",
+                                              "image_size": config.image_encoder_config.vit_config.image_size},
+                          "tokenizer": {"type": family.tokenizer_class.__name__, **tokenizer}}}
+
+
+def yaml_text(data, header):
+    return "".join(f"# {line}\n" for line in header) + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def processor_error(data):
+    """The ValueError building the run YAML's processor raises (tokenizer vs model special ids, image
+    size, query count), or None when it fits; checked before converting anything."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "run.yaml")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(yaml_text(data, []))
+        try:
+            load_processor_from_yaml(path)
+        except ValueError as err:
+            return err
+    return None
+
+
+def tokenizer_files(tokenizer_class, vocab_file):
+    """The tokenizer's vocabulary file and its FILE_LIST files beside it (tokenizer_config.json): what to copy."""
+    folder = os.path.dirname(vocab_file)
+    return [vocab_file] + [os.path.join(folder, name) for name in tokenizer_class.FILE_LIST
+                           if os.path.isfile(os.path.join(folder, name))]
+
+
+def write_mindspore(the_plan, source_format, files, embedding, run, timer, dtype="auto", file_format="ckpt",
+                    copies=(), extra=None, texts=None):
+    """Convert `the_plan` into the split MindSpore files and write the run YAML and manifest.json beside
+    them, all or nothing; prints what was written. Returns {part: output file info}.
+
+    files: {part: path} (output_files); embedding: the LLM's embedding parameter (also written alone);
+    run: (YAML path, YAML dict, header lines); timer: the job's Timer (the summary line reports it);
+    copies: [(file, destination)] (the tokenizer files); extra: manifest entries; texts: {part: {name:
+    text}} text entries of a .ckpt part (the kept LoRA layout).
+    """
+    yaml_path, data, header = run
+    texts = texts or {}
+    source = the_plan.source
+    hashes = BackgroundHashes(source.files)
+    try:
+        with OutputFiles() as outputs:
+            def writer_for(part, path, entries):
+                if part in texts:
+                    args = (texts[part],)
+                else:
+                    args = ({"format": "ms"},) if file_format == "safetensors" else ()
+                return outputs.writer(writer_class(part, file_format), path, entries, *args)
+
+            written = write_plan(the_plan, files, lambda name: mindspore_parts(name, embedding), writer_for,
+                                 DTYPES[dtype], f"{source_format} -> MindSpore")
+            for path, destination in copies:
+                outputs.copy(path, destination)
+            outputs.write_text(yaml_path, yaml_text(data, header))
+            record = manifest(source_format, the_plan, hashes.result(), written, dtype, file_format, data,
+                              extra or {})
+            outputs.write_text(os.path.join(os.path.dirname(yaml_path), MANIFEST), json.dumps(record, indent=2) + "\n")
+            outputs.commit()
+    finally:
+        hashes.cancel()
+    print(f"converted {len(the_plan.used_keys)} of {len(source)} {source_format} tensors ({len(the_plan.ignored)} "
+          f"ignored) into {len(written)} files: {timer.summary(source_bytes(source))}")
+    for part, info in sorted(written.items()):
+        print(f"  {part}: {info['path']} ({info['tensors']} tensors, {info['bytes'] / 1e6:.1f} MB)")
+    print(f"run it: python run_infer.py --config {yaml_path} --image_path IMG --prompt \"...\"")
+    return written
+
+
+# ----------------------------------------------------------------------------------------- HF shards
 
 def shard_groups(entries, max_bytes):
     """Consecutive groups of (name, meta) whose bytes stay within max_bytes (a bigger tensor gets its own)."""

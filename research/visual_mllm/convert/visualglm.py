@@ -10,31 +10,26 @@ width) is checked before the first tensor is read; outputs appear only when ever
 """
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 
-import yaml
 from mindformers.models.build_config import build_model_config
 
+from .. import families
 from ..finetune.lora import META_KEY as LORA_META_KEY, layout_meta
-from ..models.pretrained import config_to_yaml_dict
 from ..models.visualglm import VisualGLMForConditionalGeneration
-from ..registry import load_processor_from_yaml, read_run_config
-from ..tokenizers.chatglm import (PACKAGED_VOCAB_FILE, TOKENIZER_CONFIG_FILE, VOCAB_FILE_NAME,
-                                  ChatGLMTokenizer)
+from ..registry import read_run_config
+from ..tokenizers.chatglm import PACKAGED_VOCAB_FILE, TOKENIZER_CONFIG_FILE, VOCAB_FILE_NAME, ChatGLMTokenizer
 from . import visualglm_hf, visualglm_sat
-from .engine import DTYPES, BackgroundHashes
-from .job import (MANIFEST, MINDSPORE_WRITERS, Timer, check_projection, manifest, mindspore_parts,
-                  model_parameter_shapes, source_bytes, write_hf_shards, write_plan)
+from .engine import DTYPES
+from .job import (MANIFEST, Timer, check_projection, model_parameters, output_files, part_files, planned_parts,
+                  processor_error, run_yaml, run_yaml_name, source_bytes, tokenizer_files as files_of_tokenizer,
+                  write_hf_shards, write_mindspore)
 from .keymap import plan
 from .readers import ConversionError, Source, read_json, read_mindspore_ckpt, read_safetensors
-from .writers import CkptWriter, OutputFiles
+from .writers import OutputFiles
 
-YAML_NAME = "run_visualglm.yaml"
-# part -> default file name (without extension) in the output folder
-PART_FILES = dict(VisualGLMForConditionalGeneration.split_files,
-                  llm_embedding="visualglm_glm_embedding", llm_lora="visualglm_glm_lora")
-YAML_KEYS = {"vit": "vit_checkpoint", "qformer": "qformer_checkpoint", "llm": "llm_checkpoint"}
+FAMILY = families.get(VisualGLMForConditionalGeneration.family)
+YAML_NAME = run_yaml_name(FAMILY)
 
 
 # ----------------------------------------------------------------------------------------- the source
@@ -77,9 +72,7 @@ class TokenizerFiles:
 
 def tokenizer_files(vocab_file):
     """ice_text.model (None = the packaged one) and the tokenizer_config.json beside it, if any: what to copy."""
-    vocab = vocab_file or PACKAGED_VOCAB_FILE
-    config = os.path.join(os.path.dirname(vocab), TOKENIZER_CONFIG_FILE)
-    return [vocab] + ([config] if os.path.isfile(config) else [])
+    return files_of_tokenizer(ChatGLMTokenizer, vocab_file or PACKAGED_VOCAB_FILE)
 
 
 def find_tokenizer(tokenizer_arg, folder):
@@ -115,39 +108,17 @@ def read_config(release, tokenizer):
     return visualglm_hf.config_path(release.path), visualglm_hf.read_config(release.path)
 
 
-def run_yaml(config, checkpoints, tokenizer_vocab, num_image_tokens):
-    """The run YAML (as a dict) for a config, its checkpoint files {part: path} and tokenizer."""
-    model_config = config_to_yaml_dict(config)
-    for part, key in YAML_KEYS.items():
-        model_config[key] = checkpoints[part]
-    return {"seed": 0, "run_mode": "predict",
-            "model": {"model_config": model_config, "arch": {"type": VisualGLMForConditionalGeneration.__name__}},
-            "processor": {"type": "VisualGLMProcessor",
-                          "image_processor": {"type": "BlipImageProcessor",
-                                              "image_size": config.image_encoder_config.vit_config.image_size},
-                          "tokenizer": {"type": "ChatGLMTokenizer", "vocab_file": tokenizer_vocab,
-                                        "num_image_tokens": num_image_tokens}}}
-
-
-def yaml_text(data, header):
-    return "".join(f"# {line}\n" for line in header) + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
-
-
 def check_run_yaml(data, tokenizer):
     """Build the processor of the YAML (tokenizer vs model special ids, image size, query tokens) before converting."""
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, YAML_NAME)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(yaml_text(data, []))
-        try:
-            load_processor_from_yaml(path)
-        except ValueError as err:
-            if tokenizer.vocab_file is None:
-                raise ConversionError(f"no {VOCAB_FILE_NAME} beside the source, and the tokenizer shipped with "
-                                      f"visual_mllm does not fit this model ({err}); pass --tokenizer "
-                                      f"/path/to/{VOCAB_FILE_NAME}") from None
-            raise ConversionError(f"the tokenizer ({tokenizer.vocab_file}, from {tokenizer.origin}) does not "
-                                  f"fit the model: {err}") from None
+    err = processor_error(data)
+    if err is None:
+        return
+    if tokenizer.vocab_file is None:
+        raise ConversionError(f"no {VOCAB_FILE_NAME} beside the source, and the tokenizer shipped with "
+                              f"visual_mllm does not fit this model ({err}); pass --tokenizer "
+                              f"/path/to/{VOCAB_FILE_NAME}")
+    raise ConversionError(f"the tokenizer ({tokenizer.vocab_file}, from {tokenizer.origin}) does not "
+                          f"fit the model: {err}")
 
 
 # ----------------------------------------------------------------------------------------- to MindSpore
@@ -159,24 +130,6 @@ def lora_meta(lora):
     loaded from the run YAML (optionally merging them).
     """
     return layout_meta(lora.kept_rank, lora.kept_alpha, 0.0, lora.targets, [])
-
-
-def writer_class(part, file_format):
-    """Kept LoRA weights are always a .ckpt: the finetune LoRA checkpoint format (it holds a text entry)."""
-    return CkptWriter if part == "llm_lora" else MINDSPORE_WRITERS[file_format]
-
-
-def output_files(output_dir, file_format, overrides, parts):
-    """{part: final path}: `<output_dir>/<default name>.<format>` unless the part's path is given."""
-    files = {}
-    for part in parts:
-        extension = writer_class(part, file_format).suffix
-        path = overrides.get(part) or os.path.join(output_dir, PART_FILES[part] + extension)
-        if not path.endswith(extension):
-            raise ConversionError(f"{path}: the output file of part {part} must end in {extension} (--format "
-                                  f"{file_format}; MindSpore picks the reader by the extension)")
-        files[part] = os.path.abspath(path)
-    return files
 
 
 def to_mindspore(torch_path, output_dir, dtype="auto", file_format="ckpt", tokenizer=None, part_paths=None,
@@ -199,56 +152,36 @@ def to_mindspore(torch_path, output_dir, dtype="auto", file_format="ckpt", token
     else:
         rules, ignored = visualglm_hf.hf_rules(config), visualglm_hf.ignored_keys(config)
     check_projection(source, rules, config.llm_config.hidden_size, config_file)
-    expected = model_parameter_shapes(VisualGLMForConditionalGeneration, config)
+    expected, embedding = model_parameters(VisualGLMForConditionalGeneration, config)
     if lora is not None and keep_lora:
         expected.update(lora.kept_shapes(config))
     the_plan = plan(source, rules, ignored, expected, f"{source.description} (sizes from {config_file})")
 
-    parts = {part for name in the_plan.targets for part in mindspore_parts(name)}
-    files = output_files(output_dir, file_format, part_paths or {}, parts)
-    vocab_in_output = None if tokenizer.vocab_file is None else os.path.join(output_dir, VOCAB_FILE_NAME)
-    data = run_yaml(config, files, tokenizer.vocab_file, tokenizer.num_image_tokens)
+    files = output_files(output_dir, file_format, part_files(VisualGLMForConditionalGeneration), part_paths or {},
+                         planned_parts(the_plan, embedding))
+    data = run_yaml(FAMILY, config, files, {"vocab_file": tokenizer.vocab_file,
+                                            "num_image_tokens": tokenizer.num_image_tokens})
     check_run_yaml(data, tokenizer)
-    data["processor"]["tokenizer"]["vocab_file"] = vocab_in_output
-
-    hashes = BackgroundHashes(source.files)
-    try:
-        with OutputFiles() as outputs:
-            def writer_for(part, path, entries):
-                if part == "llm_lora":
-                    args = ({LORA_META_KEY: json.dumps(lora_meta(lora))},)
-                else:
-                    args = ({"format": "ms"},) if file_format == "safetensors" else ()
-                return outputs.writer(writer_class(part, file_format), path, entries, *args)
-
-            written = write_plan(the_plan, files, mindspore_parts, writer_for, DTYPES[dtype],
-                                 f"{release.module.FORMAT} -> MindSpore")
-            if tokenizer.vocab_file is not None:
-                for path in tokenizer_files(tokenizer.vocab_file):
-                    outputs.copy(path, os.path.join(output_dir, os.path.basename(path)))
-            yaml_path = os.path.join(output_dir, YAML_NAME)
-            outputs.write_text(yaml_path, yaml_text(data, [
-                f"VisualGLM converted by convert_weight.py from {release.path} ({release.module.FORMAT}).",
-                f"Sizes from {config_file}; see {MANIFEST} beside this file for the sources and outputs.",
-                f"python run_infer.py --config {os.path.abspath(yaml_path)} --image_path IMG --prompt \"...\""]))
-            extra = {"tokenizer": {"vocab_file": tokenizer.vocab_file, "from": tokenizer.origin,
-                                   "num_image_tokens": tokenizer.num_image_tokens}}
-            if lora is not None:
-                extra["lora"] = {"layers": list(lora.layers), "rank": lora.rank, "alpha": lora.alpha,
-                                 "scaling": lora.scaling, "mode": "kept" if keep_lora else "merged"}
-                if keep_lora:
-                    extra["lora"]["kept_as"] = lora_meta(lora)
-            record = manifest(release.module.FORMAT, the_plan, hashes.result(), written, dtype, file_format,
-                              data, extra)
-            outputs.write_text(os.path.join(output_dir, MANIFEST), json.dumps(record, indent=2) + "\n")
-            outputs.commit()
-    finally:
-        hashes.cancel()
-    print(f"converted {len(the_plan.used_keys)} of {len(source)} {release.module.FORMAT} tensors "
-          f"({len(the_plan.ignored)} ignored) into {len(written)} files: {timer.summary(source_bytes(source))}")
-    for part, info in sorted(written.items()):
-        print(f"  {part}: {info['path']} ({info['tensors']} tensors, {info['bytes'] / 1e6:.1f} MB)")
-    print(f"run it: python run_infer.py --config {yaml_path} --image_path IMG --prompt \"...\"")
+    copies = []
+    if tokenizer.vocab_file is not None:
+        data["processor"]["tokenizer"]["vocab_file"] = os.path.join(output_dir, VOCAB_FILE_NAME)
+        copies = [(path, os.path.join(output_dir, os.path.basename(path)))
+                  for path in tokenizer_files(tokenizer.vocab_file)]
+    yaml_path = os.path.join(output_dir, YAML_NAME)
+    header = [f"VisualGLM converted by convert_weight.py from {release.path} ({release.module.FORMAT}).",
+              f"Sizes from {config_file}; see {MANIFEST} beside this file for the sources and outputs.",
+              f"python run_infer.py --config {yaml_path} --image_path IMG --prompt \"...\""]
+    extra = {"tokenizer": {"vocab_file": tokenizer.vocab_file, "from": tokenizer.origin,
+                           "num_image_tokens": tokenizer.num_image_tokens}}
+    texts = {}
+    if lora is not None:
+        extra["lora"] = {"layers": list(lora.layers), "rank": lora.rank, "alpha": lora.alpha,
+                         "scaling": lora.scaling, "mode": "kept" if keep_lora else "merged"}
+        if keep_lora:
+            extra["lora"]["kept_as"] = lora_meta(lora)
+            texts["llm_lora"] = {LORA_META_KEY: json.dumps(lora_meta(lora))}
+    write_mindspore(the_plan, release.module.FORMAT, files, embedding, (yaml_path, data, header), timer, dtype,
+                    file_format, copies, extra, texts)
     return yaml_path
 
 
