@@ -1,6 +1,8 @@
-"""`run_finetune.py`: LoRA-finetune a VisualGLM-family model from a finetune YAML.
+"""`run_finetune.py`: LoRA-finetune a VisualGLM-6B, MiniGPT-4 or MiniGPT4Qwen model from a finetune YAML.
 
     python run_finetune.py --config configs/visualglm_tiny/lora.yaml            # the tiny demo, minutes on a CPU
+    python run_finetune.py --config configs/minigpt4_tiny/lora.yaml             # tiny MiniGPT-4 on cc_sbu_align
+    python run_finetune.py --config configs/minigpt4qwen_tiny/lora.yaml         # tiny MiniGPT4Qwen on conversations
     python run_finetune.py --config configs/visualglm_6b/lora.yaml --dataset fewshot-data/dataset.json
     python run_finetune.py --config ... --resume                                # continue from the newest checkpoint
     python run_finetune.py --config ... --merge --lora_checkpoint out/lora.ckpt # fold LoRA into the base weights

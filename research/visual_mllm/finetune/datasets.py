@@ -9,7 +9,8 @@ Formats (``format: auto`` tells them apart by their shape):
   drawn from ``instructions`` (deterministically: by the row index).
 * ``conversations`` - LLaVA style: a list of ``{"image": ..., "conversations": [{"from": "human", "value":
   "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}``. Every human/gpt pair becomes one sample whose
-  history is the pairs before it; the ``<image>`` tag is removed (VisualGLM puts the image first).
+  history is the pairs before it; the ``<image>`` tag is removed (each family's prompt puts the image where
+  its format wants it).
 
 A ``.jsonl`` file (one JSON object per line) is read as a list. Relative image paths are looked up
 relative to the dataset file's folder first, then relative to the working directory (what the
@@ -19,11 +20,14 @@ Every bad row is reported - index, and the reason - before training starts, neve
 missing or wrongly typed field, missing / unreadable image, text that cannot fit
 ``max_source_length`` / ``max_target_length`` (unless ``truncate: true``, the reference behaviour).
 
-Samples follow the VisualGLM reference finetune script (see ../shared/spec/finetune.md):
-``input_ids = source + [gMASK] <sop> + target + <eop>`` where source = the prompt ids with the image
-placeholders; ``labels`` are -100 up to (not including) ``<sop>``, then the ids from ``<sop>`` on;
-rows are right-padded to ``max_source_length + max_target_length`` (pad id, labels -100); positions are
-GLM's 2-D positions of the whole row, and the prefix (bidirectional) part is everything before ``<sop>``.
+The readers give family-neutral `Record`s (question, answer, history, image); the model family's prompt
+builder turns each into its training row (`PromptBuilder.training_sample`: VisualGLM's
+``source + [gMASK] <sop> + target + <eop>``, MiniGPT-4's chat prompt + ``answer###``, MiniGPT4Qwen's ChatML
+prompt + ``answer<|im_end|>``; labels -100 over the prompt). The prompt part (ids before the first
+label) must fit ``max_source_length``, the rest ``max_target_length``. Rows are right-padded to
+``max_source_length + max_target_length`` with the family's pad id (labels -100); positions and the
+bidirectional prefix come from the decoder's PositionScheme (GLM: 2-D positions, the prefix is everything
+before ``<sop>``; LLaMA/Qwen: 0, 1, 2, ... and no prefix).
 
 Batches: step ``k`` of a run with global batch ``G = batch_size * world_size`` takes items
 ``k*G .. (k+1)*G-1`` of an endless stream of epochs, each epoch a permutation drawn from ``(seed, epoch)``.
@@ -39,12 +43,12 @@ import numpy as np
 
 from ..json_file import read_json
 from ..processing.image import ImageLoadError, load_image
-from ..processing.visualglm_prompt import process_response
+from ..processing.prompt import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 FORMATS = ("fewshot", "cc_sbu_align", "conversations")
 NO_IMAGE = -(1 << 20)  # image_start of a text-only row (as the generator uses)
-# MiniGPT-4 stage-2 style instructions (VisualGLM puts the image itself in front of the question).
+# MiniGPT-4's stage-2 instructions (its prompts/alignment.txt) without their `<Img><ImageHere></Img>` tag:
+# each family's prompt puts the image where its format wants it.
 DEFAULT_INSTRUCTIONS = (
     "Describe this image in detail.",
     "Take a look at this image and describe what you notice.",
@@ -64,6 +68,9 @@ class DatasetValidationError(ValueError):
         self.path = path
         self.problems = list(problems)
         self.total = total
+        if len(self.problems) == 1:  # one line
+            super().__init__(f"{path}: {self.problems[0]} (1 bad row of {total}; nothing was trained)")
+            return
         rows = sorted({p.row for p in self.problems}, key=str)
         lines = [f"{path}: {len(rows)} bad row(s) of {total}; fix or remove them (nothing was trained):"]
         lines += [f"  {p}" for p in self.problems]
@@ -341,55 +348,52 @@ def read_records(settings: DatasetSettings, path=None):
 # ----------------------------------------------------------------------------------------- samples
 
 class SampleBuilder:
-    """Tokenises records as the VisualGLM reference finetune script does."""
+    """Training rows of records through the family's prompt builder, checked against the length limits."""
 
     def __init__(self, processor, settings: DatasetSettings):
         self.builder = processor.prompt_builder
         self.tokenizer = processor.tokenizer
         self.settings = settings
-        self.eop = int(self.tokenizer.eos_token_id)
-        self.pad = int(self.tokenizer.pad_token_id)
 
     def build(self, record: Record):
         """(Sample or None, list of problem reasons, list of warnings)."""
         s = self.settings
-        ids = self.builder.build_ids(record.prompt, record.history, has_image=record.image is not None,
-                                     english=s.english)
-        source, suffix = list(ids.input_ids[:-2]), list(ids.input_ids[-2:])  # suffix = [gMASK] <sop>
-        target = [int(t) for t in self.tokenizer.encode(record.label, add_special_tokens=False)]
+        args = (record.prompt, record.label, record.history, record.image is not None, s.english)
+        row = self.builder.training_sample(*args)
+        over_source, over_target = row.source_length > s.max_source_length, row.target_length > s.max_target_length
         problems, warnings = [], []
-        source_room, target_room = s.max_source_length - 1, s.max_target_length - 2
-        if len(source) > source_room:
-            if s.truncate:
-                source = source[:source_room]
-                warnings.append(f"prompt cut from {len(ids.input_ids) - 2} to {source_room} tokens")
-            else:
-                problems.append(f"the prompt needs {len(source)} tokens (image placeholders included) but "
-                                f"max_source_length {s.max_source_length} leaves room for {source_room}")
-        if len(target) > target_room:
-            if s.truncate:
-                target = target[:target_room]
-                warnings.append(f"label cut to {target_room} tokens")
-            else:
-                problems.append(f"the label needs {len(target)} tokens but max_target_length "
-                                f"{s.max_target_length} leaves room for {target_room}")
-        if not target:
+        if (over_source or over_target) and s.truncate:
+            cut = self.builder.training_sample(*args, max_source_length=s.max_source_length,
+                                               max_target_length=s.max_target_length)
+            if over_source:
+                warnings.append(f"prompt cut from {row.source_length} to {cut.source_length} tokens")
+            if over_target:
+                warnings.append(f"label cut from {row.target_length} to {cut.target_length} tokens")
+            row = cut
+        else:
+            if over_source:
+                problems.append(f"the prompt needs {row.source_length} tokens (image placeholders and the "
+                                f"prompt format's own ids included), more than max_source_length {s.max_source_length}")
+            if over_target:
+                problems.append(f"the label needs {row.target_length} tokens (with the format's end ids), more "
+                                f"than max_target_length {s.max_target_length}")
+        answer = [int(t) for t in self.tokenizer.encode(record.label, add_special_tokens=False)]
+        if not answer:
             problems.append("the label encodes to no tokens")
         if problems:
             return None, problems, warnings
-        decoded = self.tokenizer.decode(target)
+        decoded = self.tokenizer.decode(answer)
         if decoded != record.label and not s.truncate:
             warnings.append(f"the tokenizer does not reproduce the label exactly (decodes to {decoded!r})")
-        elif process_response(record.label) != record.label:
-            warnings.append("the chat answer clean-up (full-width punctuation next to CJK, stripping) changes "
-                            "this label, so a chat answer cannot equal it exactly")
-        input_ids = source + suffix + target + [self.eop]
-        sop = len(source) + 1
-        labels = [IGNORE_INDEX] * sop + input_ids[sop:]
-        image_start = ids.image_start
-        if image_start is not None and image_start + self.builder.num_image_tokens > len(source):
-            return None, ["the image placeholders do not fit max_source_length"], warnings
-        return Sample(record.row, input_ids, labels, image_start, record.image, record), [], warnings
+        elif self.builder.postprocess(record.label, english=s.english) != record.label:
+            warnings.append("the chat answer clean-up (e.g. stripping; VisualGLM: full-width punctuation next to "
+                            "CJK) changes this label, so a chat answer cannot equal it exactly")
+        if row.image_start is not None:
+            count = self.builder.num_image_tokens
+            span = row.input_ids[row.image_start:row.image_start + count]  # the placeholders, unless cut
+            if span != [self.builder.placeholder_id] * count or row.image_start + count > row.source_length:
+                return None, ["the image placeholders do not fit max_source_length"], warnings
+        return Sample(record.row, row.input_ids, row.labels, row.image_start, record.image, record), [], warnings
 
 
 @dataclass
@@ -435,7 +439,7 @@ class BatchSource:
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.length = settings.max_length
-        self.pad = int(processor.tokenizer.pad_token_id)
+        self.pad = processor.prompt_builder.pad_id
         self._orders: Dict[int, np.ndarray] = {}
         self._pixels: Dict[str, np.ndarray] = {}
         self._image_shape = None

@@ -8,7 +8,8 @@ Which layers get LoRA is configuration (the `lora` section of a finetune YAML)::
       dropout: 0.0
       layer_prefix: llm.layers   # the CellList that `layers` indexes
       layers: [0, 14]            # null = every layer
-      target_modules: [attention.query_key_value, attention.dense]   # Dense paths inside a layer (suffix match)
+      target_modules: [attention.query_key_value, attention.dense]   # Dense paths inside a layer (suffix match);
+                                 # GLM names; LLaMA / Qwen: self_attn.qkv, self_attn.o_proj, mlp.gate_up, mlp.down
       extra_targets: []          # full Dense names, wildcards allowed: image_encoder.qformer.layers.*.self_attn.query
     trainable: [image_encoder.projection.*]   # further parameters trained as they are (fnmatch on names)
 
@@ -59,7 +60,7 @@ class LoraSettings:
     dropout: float = 0.0
     layer_prefix: str = "llm.layers"
     layers: Optional[List[int]] = None
-    target_modules: Sequence[str] = ("attention.query_key_value", "attention.dense")
+    target_modules: Sequence[str] = ("attention.query_key_value", "attention.dense")  # VisualGLM's reference
     extra_targets: Sequence[str] = ()
     compute_dtype: str = "float32"   # LoRADense computes in this dtype (mindpet's default fp16 is slow on CPU)
 

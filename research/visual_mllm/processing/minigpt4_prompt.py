@@ -8,14 +8,20 @@
   N projected image embeddings.
 * answer: generation stops at `###` (the pieces `###`, or `##` `#`: the tokenizer's `stop_words_ids`) or
   at `</s>`; the text is `decode(ids, skip_special_tokens=True).split('###')[0].split('Assistant:')[-1].strip()`.
+* training row: the prompt ids above, then MiniGPT-4's stage-2 target `tokenizer(answer + "###",
+  add_special_tokens=False)` (the answer and its end symbol), labels on that target only; padding with the
+  id of MiniGPT-4's pad token `$$`. (MiniGPT-4's own stage 2 wraps the instruction as
+  `###Human: <Img><ImageHere></Img> {q} ###Assistant: ` without the system text; training on the chat
+  prompt instead teaches the model exactly what run_infer.py sends it.)
 """
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
-from .prompt import History, PromptBuilder, PromptIds, conversation_questions
+from .prompt import History, PromptBuilder, PromptIds, TrainingIds, conversation_questions, prompt_then_target
 
 IMAGE_HERE = "<ImageHere>"
 IMAGE_TAG = f"<Img>{IMAGE_HERE}</Img>"
-SEPARATOR = "###"
+SEPARATOR = "###"   # also the end symbol of a training target (MiniGPT-4's `end_sym`)
+PAD_TOKEN = "$$"    # MiniGPT-4 sets `llama_tokenizer.pad_token = "$$"`
 ROLES = ("Human: ", "Assistant: ")
 SYSTEM = ("Give the following image: <Img>ImageContent</Img>. You will be able to see the image once I "
           "provide it to you. Please answer my questions.")
@@ -61,6 +67,18 @@ class MiniGPT4PromptBuilder(PromptBuilder):
 
     def stop_sequences(self) -> List[List[int]]:
         return [list(ids) for ids in self.tokenizer.stop_words_ids]
+
+    def training_sample(self, query: str, answer: str, history: History = (), has_image: bool = False,
+                        english: bool = False, max_source_length: Optional[int] = None,
+                        max_target_length: Optional[int] = None) -> TrainingIds:
+        """The chat prompt, then `answer###` tokenised without BOS; labels on that target."""
+        prompt = self.build_ids(query, history, has_image=has_image, english=english)
+        return prompt_then_target(prompt, self._encode(answer + SEPARATOR, False), max_source_length,
+                                  max_target_length)
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.convert_tokens_to_ids(PAD_TOKEN))  # the unk id when `$$` is no piece
 
     def postprocess(self, text: str, english: bool = False) -> str:
         return text.split(SEPARATOR)[0].split("Assistant:")[-1].strip()

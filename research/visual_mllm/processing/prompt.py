@@ -2,15 +2,18 @@
 
 A family's `PromptBuilder` turns (query, history, has_image) into the prompt text and its token ids
 with the place of the image placeholders (`PromptIds`), fits the history into a token budget, and
-turns generated ids back into the answer text. Shared code (inference, chat, pipeline, export,
-finetune) only uses this interface; `english` is VisualGLM's language switch (its Q:/A: format),
-which families with one prompt language refuse.
+turns generated ids back into the answer text. For finetuning it builds the training row of an answer
+(`TrainingIds`: the prompt as inference builds it, then the answer in the form the family's reference
+training teaches it, with labels). Shared code (inference, chat, pipeline, export, finetune) only uses
+this interface; `english` is VisualGLM's language switch (its Q:/A: format), which families with one
+prompt language refuse.
 """
 import abc
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
 History = Sequence[Tuple[str, str]]
+IGNORE_INDEX = -100  # the label of an id that is not trained on (the loss skips it)
 
 class PromptTooLongError(ValueError):
     """The prompt does not fit the token budget even with every history turn dropped."""
@@ -56,6 +59,44 @@ class PromptIds:
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+
+@dataclass
+class TrainingIds:
+    """One training row: the prompt (no loss), then the target the model learns to generate.
+
+    ``labels[i]`` is ``input_ids[i]`` where the loss counts and IGNORE_INDEX elsewhere (the loss compares
+    the logits at i-1 with ``labels[i]``). ``image_start`` is as in PromptIds.
+    """
+
+    input_ids: List[int]
+    labels: List[int]
+    image_start: Optional[int]
+
+    @property
+    def source_length(self) -> int:
+        """Ids before the first trained one: the prompt with its image placeholders and format ids."""
+        return next((i for i, label in enumerate(self.labels) if label != IGNORE_INDEX), len(self.labels))
+
+    @property
+    def target_length(self) -> int:
+        """Ids from the first trained one on: the answer with the format's ids around it."""
+        return len(self.input_ids) - self.source_length
+
+
+def cut(ids: Sequence[int], limit: Optional[int], reserved: int = 0) -> List[int]:
+    """The first ``limit - reserved`` ids (all of them when limit is None): a row part cut to its length
+    limit, leaving ``reserved`` ids of room for the format's own ids around it."""
+    ids = [int(i) for i in ids]
+    return ids if limit is None else ids[:max(int(limit) - reserved, 0)]
+
+
+def prompt_then_target(prompt: PromptIds, target: Sequence[int], max_source_length: Optional[int] = None,
+                       max_target_length: Optional[int] = None) -> TrainingIds:
+    """The training row ``prompt ids + target`` with labels on the target only; the limits cut the end of
+    each part (the truncation of the MiniGPT-4 and Qwen finetune code: the row's tail goes)."""
+    source, target = cut(prompt.input_ids, max_source_length), cut(target, max_target_length)
+    return TrainingIds(source + target, [IGNORE_INDEX] * len(source) + target, prompt.image_start)
 
 
 def conversation_questions(query: str, history: History, image_tag: Optional[str]) -> List[str]:
@@ -128,6 +169,23 @@ class PromptBuilder(abc.ABC):
     @abc.abstractmethod
     def postprocess(self, text: str, english: bool = False) -> str:
         """The answer from the decoded text."""
+
+    @abc.abstractmethod
+    def training_sample(self, query: str, answer: str, history: History = (), has_image: bool = False,
+                        english: bool = False, max_source_length: Optional[int] = None,
+                        max_target_length: Optional[int] = None) -> TrainingIds:
+        """The training row that teaches `answer` to `query` (after `history`): the ids of `build_ids`, then
+        the answer as the family's reference training encodes it (with its end ids), labels on that part.
+
+        With the limits, the prompt part is cut to at most ``max_source_length`` ids and the target part to
+        at most ``max_target_length`` (``TrainingIds.source_length`` / ``target_length``), where the
+        family's reference finetune code cuts; without them nothing is cut.
+        """
+
+    @property
+    @abc.abstractmethod
+    def pad_id(self) -> int:
+        """The id that right-pads training rows (masked out and never trained on): the family's reference pad."""
 
     def fit_history(self, query: str, history: History, max_prompt_tokens: int,
                     has_image: bool = False, english: bool = False) -> Tuple[List[Tuple[str, str]], PromptIds]:

@@ -10,11 +10,13 @@
 * answer: generation stops at `<|im_end|>` or `<|im_start|>`; the answer is the generated ids before the
   first of them, decoded (`errors="replace"`) and stripped. As in Qwen's `decode_tokens`, when neither stop
   id occurs the last generated id is dropped too (the reference's off-by-one, reproduced).
+* training row: the prompt ids above, then `tokenizer(answer)` and `<|im_end|>` (where the chat stops),
+  labels on both; padding with `<|endoftext|>` (Qwen's finetune code pads with it).
 """
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 from .minigpt4_prompt import IMAGE_HERE, IMAGE_TAG, refuse_english
-from .prompt import History, PromptBuilder, PromptIds, conversation_questions
+from .prompt import History, PromptBuilder, PromptIds, TrainingIds, conversation_questions, prompt_then_target
 
 IMAGE_PLACEHOLDER = "<|extra_0|>"
 SYSTEM = "You are a helpful assistant."
@@ -54,6 +56,18 @@ class QwenPromptBuilder(PromptBuilder):
 
     def stop_sequences(self) -> List[List[int]]:
         return [list(ids) for ids in self.tokenizer.stop_words_ids]
+
+    def training_sample(self, query: str, answer: str, history: History = (), has_image: bool = False,
+                        english: bool = False, max_source_length: Optional[int] = None,
+                        max_target_length: Optional[int] = None) -> TrainingIds:
+        """The ChatML prompt, then the answer's ids and `<|im_end|>`; labels on those."""
+        prompt = self.build_ids(query, history, has_image=has_image, english=english)
+        target = [int(i) for i in self.tokenizer(answer)["input_ids"]] + [int(self.tokenizer.im_end_id)]
+        return prompt_then_target(prompt, target, max_source_length, max_target_length)
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.eod_id)
 
     def postprocess(self, text: str, english: bool = False) -> str:
         return text.strip()

@@ -13,13 +13,16 @@ branch builds the same ids):
 * ids without an image: ``encode(prompt)`` with the special tokens appended.
 * answer: decode (prompt ids before ``[gMASK]`` + generated ids), convert ASCII punctuation next to CJK
   characters to full width, then keep the text after the last ``答：`` (``A:``), stripped.
+* training row (the reference finetune script, ../shared/spec/finetune.md): ``source + [gMASK] <sop> +
+  encode(answer) + <eop>`` where source = the prompt ids before ``[gMASK]``; labels from ``<sop>`` on;
+  rows are padded with the pad id.
 
 The family-neutral contract (``PromptBuilder``, ``PromptIds``) is in ``prompt.py``.
 """
 import re
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
-from .prompt import History, PromptBuilder, PromptIds
+from .prompt import IGNORE_INDEX, History, PromptBuilder, PromptIds, TrainingIds, cut
 
 IMAGE_TAG_OPEN = "<img>"
 IMAGE_TAG_CLOSE = "</img>"
@@ -101,6 +104,24 @@ class VisualGLMPromptBuilder(PromptBuilder):
                   english: bool = False) -> PromptIds:
         prompt = self.build_prompt(query, history, has_image=has_image, english=english)
         return self.ids_from_prompt(prompt, has_image)
+
+    # -- training -----------------------------------------------------------------------------------
+    def training_sample(self, query: str, answer: str, history: History = (), has_image: bool = False,
+                        english: bool = False, max_source_length: Optional[int] = None,
+                        max_target_length: Optional[int] = None) -> TrainingIds:
+        """``source + [gMASK] <sop> + target + <eop>``, labels -100 up to (not including) ``<sop>``, then
+        the ids from ``<sop>`` on. The limits cut source to ``max_source_length - 1`` ids and target =
+        ``encode(answer)`` to ``max_target_length - 2``, as the reference does."""
+        ids = self.build_ids(query, history, has_image=has_image, english=english)
+        source, suffix = cut(ids.input_ids[:-2], max_source_length, 1), list(ids.input_ids[-2:])  # [gMASK] <sop>
+        target = cut(self.tokenizer.encode(answer, add_special_tokens=False), max_target_length, 2)
+        input_ids = source + suffix + target + [int(self.tokenizer.eos_token_id)]
+        sop = len(source) + 1
+        return TrainingIds(input_ids, [IGNORE_INDEX] * sop + input_ids[sop:], ids.image_start)
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
 
     # -- answer -------------------------------------------------------------------------------------
     def postprocess(self, text: str, english: bool = False) -> str:
