@@ -1,4 +1,4 @@
-"""Convert VisualGLM-6B weights (SAT or HF-format release) to MindSpore, or back to the HF format (see --help)."""
+"""Convert VisualGLM-6B, MiniGPT-4 and MiniGPT4Qwen releases to MindSpore checkpoints (VisualGLM also back to HF; see --help)."""
 import os
 import sys
 

@@ -1,4 +1,4 @@
-"""LoRA-finetune a VisualGLM-family model (see --help; no arguments = the tiny demo on examples/finetune)."""
+"""LoRA-finetune a VisualGLM, MiniGPT-4 or MiniGPT4Qwen model (see --help; no arguments = the tiny demo on examples/finetune)."""
 import os
 import sys
 

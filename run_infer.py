@@ -1,4 +1,4 @@
-"""Answer image + prompt requests with a VisualGLM-family model (see --help; no arguments = demo)."""
+"""Answer image + prompt requests with a VisualGLM, MiniGPT-4 or MiniGPT4Qwen model (see --help; no arguments = demo)."""
 import os
 import sys
 

@@ -1,4 +1,4 @@
-"""`run_infer.py`: answer image + prompt requests with a VisualGLM-family model.
+"""`run_infer.py`: answer image + prompt requests with a VisualGLM, MiniGPT-4 or MiniGPT4Qwen model.
 
 With no arguments it runs the built-in demo: the tiny VisualGLM from configs/visualglm_tiny (random
 base weights from a fixed seed + the small LoRA finetuned on examples/finetune that ships in the
