@@ -18,7 +18,7 @@ import time
 import yaml
 from mindspore.nn.utils import no_init_parameters
 
-from ..finetune.lora import LORA_PARAMS
+from ..lora_layout import LORA_PARAMS
 from ..layers import Embedding
 from ..models.base import ProjectionMismatchError
 from ..models.pretrained import config_to_yaml_dict

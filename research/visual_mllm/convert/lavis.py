@@ -31,7 +31,7 @@ from ..vision.image_encoder import ImageEncoderConfig
 from ..vision.qformer import QFormerConfig
 from .keymap import IDENTITY, Transform, expand
 from .readers import ConversionError, names, read_torch_pickle
-from .visualglm_sat import _cross_attention_frequency as cross_attention_frequency
+from .visualglm_sat import cross_attention_frequency
 
 EVA_HEAD_DIM = 88   # EVA ViT-g: num_heads = embed_dim // 88
 BERT_HEAD_DIM = 64  # bert-base: 12 heads of 64

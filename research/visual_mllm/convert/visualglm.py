@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from mindformers.models.build_config import build_model_config
 
 from .. import families
-from ..finetune.lora import META_KEY as LORA_META_KEY, layout_meta
+from ..lora_layout import META_KEY as LORA_META_KEY, layout_meta
 from ..models.visualglm import VisualGLMForConditionalGeneration
 from ..registry import read_run_config
 from ..tokenizers.chatglm import PACKAGED_VOCAB_FILE, TOKENIZER_CONFIG_FILE, VOCAB_FILE_NAME, ChatGLMTokenizer

@@ -20,7 +20,7 @@ layer computes original(x) + scaling * [B_0 A_0 x; B_1 A_1 x; B_2 A_2 x], scalin
 import os
 from dataclasses import dataclass
 
-from ..finetune.lora import LORA_PARAMS
+from ..lora_layout import LORA_PARAMS
 from ..llm.glm import GLMConfig
 from ..models.visualglm import VisualGLMConfig
 from ..vision.eva_vit import EvaViTConfig
@@ -253,7 +253,7 @@ def read_model_config(path):
     return read_json(config_path)
 
 
-def _cross_attention_frequency(is_decoder):
+def cross_attention_frequency(is_decoder):
     """SAT lists per Q-Former layer whether it has cross-attention; we need the period."""
     for frequency in range(1, len(is_decoder) + 1):
         if list(is_decoder) == [i % frequency == 0 for i in range(len(is_decoder))]:
@@ -289,7 +289,7 @@ def image_encoder_config_from_sat(model_config):
         num_layers=qformer["num_layers"],
         num_heads=qformer["num_attention_heads"],
         intermediate_size=qformer.get("inner_hidden_size") or 4 * qformer["hidden_size"],  # SAT's default
-        cross_attention_frequency=_cross_attention_frequency(qformer["is_decoder"]),
+        cross_attention_frequency=cross_attention_frequency(qformer["is_decoder"]),
         encoder_hidden_size=qformer["cross_attn_hidden_size"],
         layer_norm_eps=qformer["layernorm_epsilon"],
     )

@@ -37,11 +37,9 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn
 
+from ..lora_layout import LORA_PARAMS, META_FORMAT, META_KEY, layout_meta
 from ..models.weights import save_split_checkpoints, shape_mismatches
 
-META_KEY = "visual_mllm_lora"
-META_FORMAT = 1
-LORA_PARAMS = ("mindpet_delta_lora_a", "mindpet_delta_lora_b")
 
 
 class LoraConfigError(ValueError):
@@ -265,12 +263,6 @@ def summarise_trainable(model):
 
 
 # -------------------------------------------------------------------------------------- checkpoints
-
-def layout_meta(rank, alpha, dropout, targets, trainable):
-    """The JSON-able layout stored with a LoRA checkpoint (read back by `load_lora_checkpoint`)."""
-    return {"format": META_FORMAT, "rank": int(rank), "alpha": float(alpha), "dropout": float(dropout),
-            "targets": list(targets), "trainable": list(trainable)}
-
 
 def lora_meta(model, settings: Optional[LoraSettings] = None):
     """The layout of `model`'s LoRA layers and other trainable parameters."""
