@@ -27,7 +27,7 @@ from .job import (MANIFEST, Timer, check_projection, combine_plans, model_parame
                   planned_parts, processor_error, run_yaml, run_yaml_name, tokenizer_files, write_mindspore)
 from .keymap import plan
 from .readers import ConversionError, Source, read_json
-from .visualglm_hf import CONFIG_FILE, read_source as read_hf_weights
+from .hf_folder import CONFIG_FILE, read_source as read_hf_weights
 
 DEFAULT_SEQ_LENGTH = 2048  # the context run_infer.py generates in (prompt + answer), at most the LLM's own
 

@@ -20,6 +20,7 @@ from ..models.visualglm import VisualGLMForConditionalGeneration
 from ..registry import read_run_config
 from ..tokenizers.chatglm import PACKAGED_VOCAB_FILE, TOKENIZER_CONFIG_FILE, VOCAB_FILE_NAME, ChatGLMTokenizer
 from . import visualglm_hf, visualglm_sat
+from .hf_folder import BIN, CONFIG_FILE, SAFETENSORS
 from .engine import DTYPES
 from .job import (MANIFEST, Timer, check_projection, model_parameters, output_files, part_files, planned_parts,
                   processor_error, run_yaml, run_yaml_name, source_bytes, tokenizer_files as files_of_tokenizer,
@@ -51,7 +52,7 @@ def detect(path):
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "latest")) and os.path.isfile(os.path.join(path, "model_config.json")):
             return Release(visualglm_sat, path, path)
-        if os.path.isfile(os.path.join(path, visualglm_hf.CONFIG_FILE)):
+        if os.path.isfile(os.path.join(path, CONFIG_FILE)):
             return Release(visualglm_hf, path, path)
     elif os.path.isfile(visualglm_sat.model_config_path(path)) and not path.endswith((".bin", ".safetensors", ".json")):
         return Release(visualglm_sat, path, os.path.dirname(visualglm_sat.model_config_path(path)))
@@ -210,7 +211,7 @@ def to_hf(config_yaml, output_dir, dtype="auto", file_format="bin", max_shard_si
                               "llm_checkpoint or checkpoint_name_or_path): nothing to convert")
     source = read_mindspore_checkpoints(checkpoints)
     the_plan = plan(source, visualglm_hf.export_rules(config), (), None, f"{source.description} ({config_yaml})")
-    names = visualglm_hf.SAFETENSORS if file_format == "safetensors" else visualglm_hf.BIN
+    names = SAFETENSORS if file_format == "safetensors" else BIN
     requested = DTYPES[dtype]
     embedding_dtype = the_plan.targets["transformer.word_embeddings.weight"].dtype
     torch_dtype = requested if requested is not None else embedding_dtype
@@ -218,7 +219,7 @@ def to_hf(config_yaml, output_dir, dtype="auto", file_format="bin", max_shard_si
     with OutputFiles() as outputs:
         written = write_hf_shards(the_plan, outputs, output_dir, file_format, names, requested, max_shard_size,
                                   f"MindSpore -> {visualglm_hf.FORMAT}")
-        outputs.write_text(os.path.join(output_dir, visualglm_hf.CONFIG_FILE),
+        outputs.write_text(os.path.join(output_dir, CONFIG_FILE),
                            json.dumps(visualglm_hf.hf_config_json(config, torch_dtype), indent=2) + "\n")
         for path in tokenizer_files(tokenizer.vocab_file if tokenizer else None):
             outputs.copy(path, os.path.join(output_dir, os.path.basename(path)))

@@ -16,15 +16,12 @@ import os
 import torch
 
 from .keymap import IDENTITY, constant, expand, interleaved_heads_to_blocks, invert
-from .readers import ConversionError, Source, read_json, read_safetensors, read_sharded, read_torch_pickle
+from .hf_folder import CONFIG_FILE, read_source  # noqa: F401 (read_source: this format's reader)
+from .readers import ConversionError, read_json
 from .visualglm_sat import (GLM_NORMS_MLP, config_from_sat, eva_args, image_side_rules, qformer_args)
 
 FORMAT = "visualglm-hf"
 IMAGE_PREFIX = "image_encoder."
-CONFIG_FILE = "config.json"
-# (index json, unsharded file, shard file pattern) of the two serializations
-BIN = ("pytorch_model.bin.index.json", "pytorch_model.bin", "pytorch_model-{:05d}-of-{:05d}.bin")
-SAFETENSORS = ("model.safetensors.index.json", "model.safetensors", "model-{:05d}-of-{:05d}.safetensors")
 
 GLM_GLOBAL = [
     ("transformer.word_embeddings.weight", "llm.word_embeddings.weight", IDENTITY),
@@ -74,33 +71,6 @@ def export_rules(config):
 
 
 # ----- files and config -----
-
-def find_weights(path):
-    """(index json or None, weight file(s)) of an HF folder or of an index/weight file given directly."""
-    if os.path.isfile(path):
-        if path.endswith(".index.json"):
-            return path, None
-        return None, path
-    for index, single, _ in (BIN, SAFETENSORS):
-        if os.path.isfile(os.path.join(path, index)):
-            return os.path.join(path, index), None
-        if os.path.isfile(os.path.join(path, single)):
-            return None, os.path.join(path, single)
-    raise ConversionError(f"{path} has {CONFIG_FILE} but no {BIN[0]}, {BIN[1]}, {SAFETENSORS[0]} or {SAFETENSORS[1]}")
-
-
-def _read_file(path):
-    return read_safetensors(path) if path.endswith(".safetensors") else read_torch_pickle(path)
-
-
-def read_source(path):
-    """The HF weights (sharded or not, .bin or .safetensors) as a Source, memory-mapped."""
-    index, single = find_weights(path)
-    if index is None:
-        return Source(_read_file(single), [single], f"HF checkpoint {single}")
-    tensors, shards = read_sharded(index, _read_file)
-    return Source(tensors, shards, f"HF checkpoint {index}")
-
 
 def config_path(path):
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
