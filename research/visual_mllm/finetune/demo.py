@@ -14,10 +14,12 @@ every training question with its label. The result is one small file (~150 KB):
 The demo is then the tiny YAML + this LoRA checkpoint (`load_lora_checkpoint`): the first run_infer.py
 command answers the example images with their labels instead of printing random tokens.
 """
+import functools
 import os
 import shutil
 import sys
 
+from ..atomic import write_atomic
 from ..paths import ASSETS_DIR, DEFAULT_CONFIG as BASE_CONFIG, DEMO_LORA_CONFIG as DEMO_CONFIG, REPO_ROOT
 
 PACKAGED_DEMO_LORA = os.path.join(ASSETS_DIR, "demo", "visualglm_tiny_lora.ckpt")
@@ -51,9 +53,7 @@ def build_demo_model(output_dir, install=False, quiet=False, progress=None):
         raise RuntimeError("the demo model does not reproduce every label:\n" + describe(checks))
     if install:
         os.makedirs(os.path.dirname(PACKAGED_DEMO_LORA), exist_ok=True)
-        tmp = PACKAGED_DEMO_LORA + ".partial"
-        shutil.copyfile(result.lora_checkpoint, tmp)
-        os.replace(tmp, PACKAGED_DEMO_LORA)
+        write_atomic(PACKAGED_DEMO_LORA, functools.partial(shutil.copyfile, result.lora_checkpoint))
         if not quiet:
             print(f"installed {PACKAGED_DEMO_LORA}", flush=True)
     return result.lora_checkpoint, checks
@@ -72,9 +72,7 @@ def demo_lora_checkpoint(rebuild_if_missing=True):
           file=sys.stderr, flush=True)
     path, _ = build_demo_model(os.path.join(cache_dir(), "demo", "run"), quiet=True, progress=False)
     os.makedirs(os.path.dirname(cached), exist_ok=True)
-    shutil.copyfile(path, cached + ".partial")
-    os.replace(cached + ".partial", cached)
-    return cached
+    return write_atomic(cached, functools.partial(shutil.copyfile, path))
 
 
 __all__ = ["build_demo_model", "demo_lora_checkpoint", "PACKAGED_DEMO_LORA", "DEMO_CONFIG", "DEMO_DATASET"]

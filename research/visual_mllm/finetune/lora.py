@@ -37,6 +37,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn
 
+from ..atomic import write_atomic
 from ..lora_layout import LORA_PARAMS, META_FORMAT, META_KEY, layout_meta
 from ..models.weights import save_split_checkpoints, shape_mismatches
 
@@ -287,15 +288,9 @@ def trainable_state(model):
 def save_lora_checkpoint(model, path, settings: Optional[LoraSettings] = None):
     """Write the trainable parameters + layout to `path` atomically (a temporary file, then a rename)."""
     meta = lora_meta(model, settings)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, ".partial." + os.path.basename(path))
-    if not tmp.endswith(".ckpt"):
-        tmp += ".ckpt"  # MindSpore appends the suffix otherwise
-    ms.save_checkpoint([{"name": n, "data": p} for n, p in trainable_state(model)], tmp,
-                       append_dict={META_KEY: json.dumps(meta)})
-    os.replace(tmp, path)
-    return path
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    records = [{"name": n, "data": p} for n, p in trainable_state(model)]
+    return write_atomic(path, lambda tmp: ms.save_checkpoint(records, tmp, append_dict={META_KEY: json.dumps(meta)}))
 
 
 def read_lora_checkpoint(path):

@@ -13,6 +13,8 @@ import time
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ..atomic import write_atomic
+
 CSV_FIELDS = ("step", "epoch", "loss", "lr", "grad_norm", "loss_scale", "skipped", "step_time_s",
               "samples_per_s")
 
@@ -135,10 +137,7 @@ def plot_loss(points, path, title="training loss", resumed_at=(), size=(800, 480
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(31, 119, 180))
     draw.text((width // 2 - 10, height - 20), "step", fill="black", font=font)
     draw.text((left - 40, top - 28), "loss", fill="black", font=font)
-    tmp = path + ".partial.png"
-    img.save(tmp)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, img.save)
 
 
 class Progress:

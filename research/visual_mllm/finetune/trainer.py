@@ -8,6 +8,7 @@ by `msrun`, or with RANK_SIZE > 1, it joins the data-parallel group first: `mind
 final LoRA checkpoint; every rank keeps its resumable checkpoints under `checkpoints/rank_<r>/` and ends
 with a `timing:` line (its median step time).
 """
+import functools
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ from typing import List, Optional
 
 import numpy as np
 
+from ..atomic import write_atomic, write_text_atomic
 from .checkpoints import LORA_FILE, CheckpointManager, resolve_resume, restore
 from .config import FinetuneConfigError, load_finetune_config
 from .datasets import BATCH_KEYS, BatchSource, load_dataset
@@ -173,12 +175,7 @@ def write_inference_yaml(config_path, checkpoints, out_path):
         tokenizer["vocab_file"] = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(config_path)), vocab))
     header = (f"# Written by run_finetune.py --merge from {os.path.abspath(config_path)}:\n"
               "# the base model with the LoRA weights folded in (split checkpoints beside this file).\n")
-    tmp = out_path + ".partial"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(header)
-        yaml.safe_dump(data, f, allow_unicode=True, sort_keys=False)
-    os.replace(tmp, out_path)
-    return out_path
+    return write_text_atomic(out_path, header + yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
 
 
 def merge_and_save(model, config_path, output_dir):
@@ -329,10 +326,8 @@ def finetune(options: RunOptions) -> RunResult:
         return result
     if rank == 0:
         final = os.path.join(output_dir, LORA_FILE)
-        tmp = final + ".partial"
-        shutil.copyfile(os.path.join(manager.step_dir(done), LORA_FILE), tmp)
-        os.replace(tmp, final)
-        result.lora_checkpoint = final
+        result.lora_checkpoint = write_atomic(final, functools.partial(
+            shutil.copyfile, os.path.join(manager.step_dir(done), LORA_FILE)))
         with open(os.path.join(output_dir, SUMMARY_NAME), "w", encoding="utf-8") as f:
             json.dump({"config": os.path.abspath(options.config), "dataset": data.path, "steps": done,
                        "samples": len(data.samples), "global_batch": batches.global_batch,
