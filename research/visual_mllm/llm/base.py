@@ -28,6 +28,20 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
+from ..configuration import StrictConfig
+
+
+class LLMConfig(StrictConfig):
+    """What shared code (generation, export, finetune, the processor) reads of every decoder's config:
+    vocab_size, hidden_size, num_layers, num_heads, head_dim, intermediate_size (the MLP width),
+    norm_eps, max_position_embeddings (the longest prompt + answer the model was trained for) and the
+    bos/eos/pad token ids. A decoder whose release names a field otherwise keeps the release's name as
+    its field (so its configs read as the release's) and maps it here with a property (GLM)."""
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_heads
+
 
 class PositionScheme:
     """Host-side (numpy) position ids for a family. Subclasses implement the three methods."""

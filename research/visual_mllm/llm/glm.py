@@ -13,13 +13,12 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-from ..configuration import StrictConfig
 from ..layers import MLP, Embedding, LayerNorm, attention, dense, merge_heads, split_heads
-from .base import Decoder, PositionScheme, attend_cache, rotate_half
+from .base import Decoder, LLMConfig, PositionScheme, attend_cache, rotate_half
 
 
 @MindFormerRegister.register(MindFormerModuleType.CONFIG)
-class GLMConfig(StrictConfig):
+class GLMConfig(LLMConfig):
     """Sizes and special ids of a GLM v1 decoder (defaults: ChatGLM-6B)."""
 
     model_type = "glm"
@@ -52,15 +51,10 @@ class GLMConfig(StrictConfig):
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                          **kwargs)
 
-    @property
-    def head_dim(self):
-        return self.hidden_size // self.num_heads
-
-    @property
-    def max_position_embeddings(self):
-        """The context length under the name shared code reads for every decoder (GLM calls it
-        max_sequence_length)."""
-        return self.max_sequence_length
+    # the LLMConfig names of the fields GLM's releases name their own way
+    intermediate_size = property(lambda self: self.inner_hidden_size)
+    norm_eps = property(lambda self: self.layernorm_epsilon)
+    max_position_embeddings = property(lambda self: self.max_sequence_length)
 
 
 class GLMPositions(PositionScheme):

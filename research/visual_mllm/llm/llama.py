@@ -16,13 +16,12 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-from ..configuration import StrictConfig
 from ..layers import Embedding, RMSNorm, SwiGLU, attention, dense, merge_heads, split_heads
-from .base import Decoder, PositionScheme, attend_cache, rotate_half
+from .base import Decoder, LLMConfig, PositionScheme, attend_cache, rotate_half
 
 
 @MindFormerRegister.register(MindFormerModuleType.CONFIG)
-class LlamaConfig(StrictConfig):
+class LlamaConfig(LLMConfig):
     """Sizes and special ids of a LLaMA decoder (defaults: LLaMA-7B / Vicuna-7B)."""
 
     model_type = "visual_mllm_llama"
@@ -57,10 +56,6 @@ class LlamaConfig(StrictConfig):
                              f"{num_heads}, and num_heads into num_kv_heads {self.num_kv_heads}")
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                          **kwargs)
-
-    @property
-    def head_dim(self):
-        return self.hidden_size // self.num_heads
 
 
 class CausalPositions(PositionScheme):
