@@ -28,6 +28,7 @@ from benchmarks.common import Settings, environment_lines, markdown_table, Other
 # name -> module (imported only when the section runs). Order = order of the table.
 SECTIONS = {
     "llm_decode": "benchmarks.sections.llm_decode",
+    "image_encoding": "benchmarks.sections.image_encoding",
     "chat_inference": "benchmarks.sections.chat_inference",
     "export_lite": "benchmarks.sections.export_lite",
     "convert_full": "benchmarks.sections.convert_full",

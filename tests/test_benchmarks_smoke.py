@@ -11,17 +11,23 @@ RUN = REPO_ROOT / "benchmarks" / "run.py"
 
 CONTEXTS = (128, 512)
 EXPECTED_ROWS = (
-    [f"MS prefill, seq {n}" for n in CONTEXTS]
-    + [f"MS decode with KV cache, ctx {n}" for n in CONTEXTS]
+    [f"{fw} prefill, seq {n}" for fw in ("MS", "PT") for n in CONTEXTS]
+    + [f"{fw} decode with KV cache, ctx {n}" for fw in ("MS", "PT") for n in CONTEXTS]
     + [f"MS decode without cache, ctx {n}" for n in CONTEXTS]
     + [f"MS decode with KV cache, ctx 128, {slots}-slot cache" for slots in (128, 2048)]
-    + [f"PT prefill, seq {n}" for n in CONTEXTS]
-    + [f"PT decode with KV cache, ctx {n}" for n in CONTEXTS]
-    + ["memcpy bandwidth, 1 thread", "GLM fp32 weight-bandwidth bound", "LLaMA fp32 weight-bandwidth bound"]
-    + [f"MS decode / PT decode, ctx {n}" for n in CONTEXTS]
-    + [f"MS decode / GLM bound, ctx {n}" for n in CONTEXTS]
+    + [f"MS GLM decode with KV cache, ctx {n}" for n in CONTEXTS]
+    + ["memcpy bandwidth, 1 thread", "LLaMA fp32 weight-bandwidth bound", "GLM fp32 weight-bandwidth bound"]
+    + [f"MS / PT prefill, seq {n}" for n in CONTEXTS]
+    + [f"MS / PT decode, ctx {n}" for n in CONTEXTS]
+    + [f"MS decode / LLaMA bound, ctx {n}" for n in CONTEXTS]
     + [f"PT decode / LLaMA bound, ctx {n}" for n in CONTEXTS]
+    + [f"MS GLM decode / GLM bound, ctx {n}" for n in CONTEXTS]
     + [f"MS no-cache / cached decode, ctx {n}" for n in CONTEXTS]
+)
+IMAGE_BATCHES = (1, 4)
+IMAGE_ROWS = (
+    [name for b in IMAGE_BATCHES for name in (f"MS ViT + ln_vision, batch {b}", f"PT Blip2VisionModel, batch {b}")]
+    + [f"MS / PT image encoding, batch {b}" for b in IMAGE_BATCHES]
 )
 CHAT_BATCHES = (1, 4)
 CHAT_ROWS = (
@@ -59,11 +65,12 @@ def test_quick_benchmark_prints_the_table(tmp_path):
     for name in EXPECTED_ROWS:
         float(rows[name][2])  # every median is a number
     assert table_rows(report.read_text(encoding="utf-8")) == rows  # --output holds the same table
-    chat_rows = table_rows(out, "chat_inference")
-    missing = [name for name in CHAT_ROWS if name not in chat_rows]
-    assert not missing, f"chat_inference rows missing from the table: {missing}\n{out}"
-    for name in CHAT_ROWS:
-        float(chat_rows[name][2])
+    for section, expected in (("image_encoding", IMAGE_ROWS), ("chat_inference", CHAT_ROWS)):
+        section_rows = table_rows(out, section)
+        missing = [name for name in expected if name not in section_rows]
+        assert not missing, f"{section} rows missing from the table: {missing}\n{out}"
+        for name in expected:
+            float(section_rows[name][2])
 
 
 def test_list_and_unknown_section(tmp_path):

@@ -75,22 +75,26 @@ def summarise(runs):
                     min(images), min(firsts), max(rates))
 
 
-def prompt_layout(sizes, rng, gmask, bos):
-    """(text before the image, text after it) ids: the image placeholders sit between the two."""
-    before = rng.integers(5, sizes.vocab_size - 8, size=4).tolist()
-    after = rng.integers(5, sizes.vocab_size - 8, size=sizes.text_tokens - 4).tolist() + [gmask, bos]
+def prompt_layout(sizes, rng, gmask, bos, low):
+    """(text before the image, text after it) ids: the image placeholders sit between the two; the text is
+    random ids from `low` up (past the special ids)."""
+    before = rng.integers(low, sizes.vocab_size, size=4).tolist()
+    after = rng.integers(low, sizes.vocab_size, size=sizes.text_tokens - 4).tolist() + [gmask, bos]
     return before, after
 
 
 # ------------------------------------------------------------------------------------------- MindSpore
 
 def build_visualglm(sizes):
+    """(model, processor): the demo VisualGLM's run YAML (configs/visualglm_tiny) at the benchmark's sizes,
+    with random weights, and its processor bound to it (its tiny tokenizer's special ids)."""
     import mindspore as ms
-    from visual_mllm.models.visualglm import VisualGLMConfig, VisualGLMForConditionalGeneration
+    import visual_mllm
+    from visual_mllm.paths import DEFAULT_CONFIG
 
-    v = sizes.vocab_size
     ms.set_seed(0)
-    config = VisualGLMConfig(
+    model, processor = visual_mllm.load_from_yaml(
+        DEFAULT_CONFIG, processor_overrides={"image_processor": {"image_size": sizes.image_size}},
         image_encoder_config={
             "vit_config": {"image_size": sizes.image_size, "patch_size": 14, "hidden_size": sizes.vit_hidden,
                            "num_layers": sizes.vit_layers, "num_heads": sizes.vit_heads,
@@ -98,14 +102,12 @@ def build_visualglm(sizes):
             "qformer_config": {"num_query_tokens": sizes.queries, "hidden_size": sizes.qformer_hidden,
                                "num_layers": sizes.qformer_layers, "num_heads": sizes.qformer_heads,
                                "intermediate_size": sizes.qformer_mlp, "encoder_hidden_size": sizes.vit_hidden}},
-        llm_config={"vocab_size": v, "hidden_size": sizes.hidden_size, "num_layers": sizes.num_layers,
-                    "num_heads": sizes.num_heads, "inner_hidden_size": sizes.inner_hidden_size,
-                    "max_sequence_length": sizes.seq_length, "bos_token_id": v - 4, "eos_token_id": v - 3,
-                    "mask_token_id": v - 2, "gmask_token_id": v - 1, "pad_token_id": 3},
+        llm_config={"vocab_size": sizes.vocab_size, "hidden_size": sizes.hidden_size,
+                    "num_layers": sizes.num_layers, "num_heads": sizes.num_heads,
+                    "inner_hidden_size": sizes.inner_hidden_size, "max_sequence_length": sizes.seq_length},
         seq_length=sizes.seq_length, use_past=True)
-    model = VisualGLMForConditionalGeneration(config)
     model.set_train(False)
-    return model
+    return model, processor
 
 
 def run_mindspore(sizes, settings, rng, pixels):
@@ -113,9 +115,10 @@ def run_mindspore(sizes, settings, rng, pixels):
     from visual_mllm.generation.sampling import GenerationConfig
     from visual_mllm.inference import ChatRequest, PreparedBatch, generate_batch
 
-    model = build_visualglm(sizes)
+    model, processor = build_visualglm(sizes)
     llm = model.config.llm_config
-    before, after = prompt_layout(sizes, rng, llm.gmask_token_id, llm.bos_token_id)
+    specials = (llm.bos_token_id, llm.eos_token_id, llm.mask_token_id, llm.gmask_token_id, llm.pad_token_id)
+    before, after = prompt_layout(sizes, rng, llm.gmask_token_id, llm.bos_token_id, max(specials) + 1)
     row = PromptRow(before + [model.placeholder_id] * sizes.queries + after, len(before))
     config = GenerationConfig(max_new_tokens=sizes.new_tokens)  # greedy, no end token: every run is full length
     results = {}
@@ -124,7 +127,7 @@ def run_mindspore(sizes, settings, rng, pixels):
                                  [[] for _ in range(batch)])
 
         def once():
-            _, timings = generate_batch(model, None, prepared, config)
+            _, timings = generate_batch(model, processor, prepared, config)
             return (timings[0].image_encode_ms, timings[0].first_token_ms,
                     sum(t.decode_tokens_per_s for t in timings))
 
@@ -186,7 +189,7 @@ def run_torch(sizes, settings, rng, pixels):
     import torch
 
     encode, llama = build_torch(sizes)
-    before, after = prompt_layout(sizes, rng, 1, 2)
+    before, after = prompt_layout(sizes, rng, 1, 2, 3)
     results = {}
     with torch.inference_mode():
         for batch in BATCHES:
@@ -261,7 +264,9 @@ def run(settings: Settings) -> Section:
     section.notes += [
         "MS = visual_mllm's VisualGLM (EVA ViT, Q-Former, GLM) in graph mode, timed by the `timings` run_infer.py "
         "reports; PT = transformers Blip2VisionModel + Blip2QFormerModel + Linear and LlamaForCausalLM.generate "
-        "(sdpa attention, DynamicCache) under torch.inference_mode(). fp32, random weights, same threads.",
+        "(sdpa attention, DynamicCache) under torch.inference_mode(). fp32, random weights, same threads. "
+        "MS model and processor: the demo's run YAML (configs/visualglm_tiny) at these sizes; greedy choices stay "
+        "below its tiny tokenizer's vocabulary.",
         "The LLMs differ as in llm_decode: LLaMA's SwiGLU MLP has 3 matrices to GLM's 2, so the baseline's "
         "decode reads ~20% more weights per token.",
         f"Median of {reps} generations after {WARMUP} untimed ones (which compile "

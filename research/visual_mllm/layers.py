@@ -11,6 +11,8 @@ from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
 MASK_FILL = -10000.0  # the reference code's additive mask value (not -inf: fully masked rows stay finite)
+# q k^T with k read as stored: a swapaxes before a matmul copies k (on CPU, the whole KV cache every decode step)
+QUERY_KEY = ops.BatchMatMul(transpose_b=True)
 
 
 def dense(in_features, out_features, has_bias=True):
@@ -111,7 +113,7 @@ def attention(q, k, v, mask=None):
     Masking follows the reference: scores * mask - 10000 * (1 - mask).
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = ops.matmul(q.astype(ms.float32), k.astype(ms.float32).swapaxes(-1, -2)) * scale  # [B,h,Sq,Sk]
+    scores = QUERY_KEY(q.astype(ms.float32), k.astype(ms.float32)) * scale  # [B,h,Sq,Sk]
     if mask is not None:
         mask = mask.astype(ms.float32)
         scores = scores * mask + MASK_FILL * (1.0 - mask)
