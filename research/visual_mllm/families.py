@@ -2,8 +2,10 @@
 
 Shared code (registry, processor, CLIs, pipeline, export, finetune) finds a family from a model
 config (`family_of`) or from its name (`get`) and reads what it needs here; it never imports a
-family's own modules. Adding a family = its decoder, prompt builder, conversion spec, configs and one
-`Family(...)` entry in FAMILIES.
+family's own modules. Adding a family = its decoder, prompt builder, configs and one `Family(...)`
+entry in FAMILIES, plus its conversion: key tables in `convert/` and, for a BLIP-2-style release, a
+`Spec` in `convert/minigpt4.py` (`convert_weight.py --model_type` picks it; VisualGLM's SAT/HF
+releases have their own job in `convert/visualglm.py`).
 """
 import os
 from dataclasses import dataclass, field
