@@ -41,7 +41,9 @@ def test_greedy_is_argmax_and_sampling_is_seeded():
     logits = random_logits()
     greedy = TokenChooser(GenerationConfig(max_new_tokens=1))
     np.testing.assert_array_equal(greedy(logits, [[]] * 3), logits.argmax(-1))
-    config = GenerationConfig.reference_demo(max_new_tokens=1, seed=7)
+    from visual_mllm.families import get
+
+    config = GenerationConfig(max_new_tokens=1, seed=7, **get("visualglm").sampling)  # VisualGLM's demo settings
     draws = [TokenChooser(config)(logits, [[]] * 3) for _ in range(2)]
     np.testing.assert_array_equal(draws[0], draws[1])
     kept = np.isfinite(filter_top_k_top_p(logits / config.temperature, config.top_k, config.top_p))
