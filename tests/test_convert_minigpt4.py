@@ -298,7 +298,7 @@ def test_full_size_shape_tables_map_completely(family):
     from visual_mllm.convert.job import model_parameters
     from visual_mllm.convert.readers import Source
 
-    spec = minigpt4.SPECS[family]
+    spec = minigpt4.Spec.of(family)
     eva, blip2, proj, llm = (table(*parts) for parts in FULL_TABLES[family])
     if family == "minigpt4":
         origin = table(*FULL_TABLES[family][2], column="source_file")
@@ -342,7 +342,9 @@ def edited(tmp_path, family, index, edit):
 
 def doubled_projection(tmp_path, family):
     """The family's projection with twice the output rows, and the words the refusal must say."""
-    name = "llama_proj" if family == "minigpt4" else "llm_proj"
+    from visual_mllm import families
+
+    name = families.get(family).conversion.projection
     hidden = load_json(*BLIP2_FAMILY_SOURCES[family][3], "config.json")["hidden_size"]
 
     def double(state):
@@ -431,3 +433,15 @@ def test_the_script_exits_2_without_traceback(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("error: ") and words[0] in result.stderr
     mixed = run_converter(tmp_path, *args, "--torch_path", "x", "--output_dir", tmp_path / "out")
     assert mixed.returncode == 2 and "--torch_path: only with --model_type visualglm" in mixed.stderr
+
+
+def test_each_job_refuses_the_other_jobs_flags(tmp_path, capsys):
+    from visual_mllm import families
+
+    lavis = " or ".join(f.name for f in families.with_conversion("lavis"))
+    status, err = main_in_process(capsys, "--eva_vit_path", "x", "--torch_path", "y", "--output_dir", tmp_path)
+    assert status == 2 and f"--eva_vit_path: only with --model_type {lavis}" in err
+    for family in FAMILIES:
+        status, err = main_in_process(capsys, *blip2_family_args(family), "--lora", "keep", "--output_dir", tmp_path)
+        assert status == 2 and "--lora: only with --model_type visualglm" in err
+    assert not any(tmp_path.iterdir())

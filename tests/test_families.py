@@ -69,6 +69,22 @@ def test_the_family_record_builds_its_own_classes(family):
     assert model.family == record.name
 
 
+@pytest.mark.parametrize("name", family_names())
+def test_convert_weight_has_a_job_for_the_family(name):
+    """--model_type <name> runs the job its record names, whose modules exist."""
+    from importlib import import_module
+
+    from visual_mllm.cli.convert import JOBS, build_parser
+    from visual_mllm.families import get
+
+    conversion = get(name).conversion
+    assert conversion.job in JOBS
+    assert build_parser().parse_args(["--model_type", name]).model_type == name
+    if conversion.llm_format:
+        llm = import_module(f"visual_mllm.convert.{conversion.llm_format}")
+        assert llm.TOKENIZER is get(name).tokenizer_class and conversion.projection
+
+
 def test_batch_and_no_cache_give_the_tokens_of_one_by_one(family, one_by_one):
     from visual_mllm.inference import answer
 

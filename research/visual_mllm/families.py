@@ -2,10 +2,9 @@
 
 Shared code (registry, processor, CLIs, pipeline, export, finetune) finds a family from a model
 config (`family_of`) or from its name (`get`) and reads what it needs here; it never imports a
-family's own modules. Adding a family = its decoder, prompt builder, configs and one `Family(...)`
-entry in FAMILIES, plus its conversion: key tables in `convert/` and, for a BLIP-2-style release, a
-`Spec` in `convert/minigpt4.py` (`convert_weight.py --model_type` picks it; VisualGLM's SAT/HF
-releases have their own job in `convert/visualglm.py`).
+family's own modules. Adding a family = its decoder, prompt builder, configs, its LLM's key tables in
+`convert/` and one `Family(...)` entry in FAMILIES, whose `Conversion` names the conversion job that
+`convert_weight.py --model_type <name>` runs and what that job needs of the family.
 """
 import os
 from dataclasses import dataclass, field
@@ -24,12 +23,29 @@ from .tokenizers.qwen import QWenTokenizer
 
 
 @dataclass(frozen=True)
+class Conversion:
+    """How convert_weight.py converts the family's release.
+
+    job "visualglm": one SAT or HF-format release (--torch_path), convert/visualglm.py.
+    job "lavis": the LAVIS-era files (--eva_vit_path, --qformer_path, --proj_path) and the LLM's HF folder
+    (--llm_path), convert/minigpt4.py; then `llm_format` names the convert/ module with the LLM folder's
+    key tables and `projection` / `projection_file` the projection's key prefix in --proj_path and the
+    file users know it as (for messages)."""
+
+    job: str
+    llm_format: Optional[str] = None
+    projection: Optional[str] = None
+    projection_file: Optional[str] = None
+
+
+@dataclass(frozen=True)
 class Family:
     name: str                   # as model classes, export manifests and conversion outputs record it
     config_class: type          # the composite config (a models.base.VisionLanguageConfig)
     model_class: type           # the composite model (a models.base.VisionLanguageModel)
     tokenizer_class: type
     prompt_builder_class: type  # a processing.prompt.PromptBuilder
+    conversion: Conversion
     # the reference demo's generation settings (GenerationConfig fields): run_infer.py's defaults
     sampling: Dict[str, float] = field(default_factory=dict)
     # the tiny run YAML (random weights, no download) that tests and demos run
@@ -38,13 +54,16 @@ class Family:
 
 FAMILIES = (
     Family("visualglm", VisualGLMConfig, VisualGLMForConditionalGeneration, ChatGLMTokenizer, VisualGLMPromptBuilder,
+           Conversion("visualglm"),
            sampling=dict(do_sample=True, top_p=0.4, top_k=100, temperature=0.8, repetition_penalty=1.2),
            demo_config=os.path.join(CONFIGS_DIR, "visualglm_tiny", "run_visualglm_tiny.yaml")),
     Family("minigpt4", MiniGPT4Config, MiniGPT4ForConditionalGeneration, VicunaTokenizer, MiniGPT4PromptBuilder,
+           Conversion("lavis", "llama_hf", "llama_proj", "MiniGPT-4's projection checkpoint pretrained_minigpt4*.pth"),
            sampling=dict(do_sample=True, top_p=0.9, top_k=0, temperature=1.0, repetition_penalty=1.05),
            demo_config=os.path.join(CONFIGS_DIR, "minigpt4_tiny", "run_minigpt4_tiny.yaml")),
     Family("minigpt4qwen", MiniGPT4QwenConfig, MiniGPT4QwenForConditionalGeneration, QWenTokenizer,
            QwenPromptBuilder,
+           Conversion("lavis", "qwen_hf", "llm_proj", "MiniGPT4Qwen's checkpoint model.pth"),
            # MiniGPT4Qwen's cli_demo decodes greedily (Qwen-7B-Chat's own default samples with top_p 0.8)
            sampling=dict(do_sample=False),
            demo_config=os.path.join(CONFIGS_DIR, "minigpt4qwen_tiny", "run_minigpt4qwen_tiny.yaml")),
@@ -66,3 +85,8 @@ def family_of(config) -> Family:
             return family
     raise ValueError(f"{cls.__name__} is not the config of a known model family "
                      f"({', '.join(f.config_class.__name__ for f in FAMILIES)})")
+
+
+def with_conversion(job):
+    """The families whose releases `job` converts."""
+    return [family for family in FAMILIES if family.conversion.job == job]

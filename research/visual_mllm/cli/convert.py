@@ -28,10 +28,9 @@ import sys
 
 from .common import fail_cleanly
 
-VISUALGLM = "visualglm"
 PART_FLAGS = {"vit": "vit_mindspore_path", "qformer": "qformer_mindspore_path", "llm": "glm_mindspore_path",
               "llm_embedding": "glm_embedding_mindspore_path"}
-# the four sources of --model_type minigpt4 / minigpt4qwen
+# the four sources of a "lavis" conversion job (MiniGPT-4, MiniGPT4Qwen)
 SOURCE_FLAGS = ("eva_vit_path", "qformer_path", "proj_path", "llm_path")
 # what is in no file of those releases
 OPTION_FLAGS = ("vit_num_layers", "vit_num_heads", "qformer_num_heads", "seq_length")
@@ -40,9 +39,11 @@ VISUALGLM_FLAGS = ("torch_path", "mindspore_config", "tokenizer", "lora", "lora_
 
 
 def build_parser():
+    from .. import families
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_type", default=VISUALGLM, choices=[VISUALGLM, "minigpt4", "minigpt4qwen"],
-                   help="the model family (default: visualglm)")
+    p.add_argument("--model_type", default=families.FAMILIES[0].name, choices=[f.name for f in families.FAMILIES],
+                   help=f"the model family (default: {families.FAMILIES[0].name})")
     source = p.add_argument_group("VisualGLM source (give one)")
     source.add_argument("--torch_path",
                         help="SAT or HF-format VisualGLM release (folder or file): convert to MindSpore")
@@ -116,7 +117,7 @@ def convert_visualglm(args):
                            part_paths, keep_lora=args.lora == "keep", lora_alpha=args.lora_alpha)
 
 
-def convert_blip2_family(args):
+def convert_lavis_release(args):
     from ..convert import minigpt4
 
     missing = [f"--{flag}" for flag in SOURCE_FLAGS + ("output_dir",) if not getattr(args, flag)]
@@ -128,16 +129,24 @@ def convert_blip2_family(args):
                           args.output_dir, args.dtype, args.format or "ckpt", options)
 
 
+# a family record's Conversion.job -> (the job, the flags only that job takes)
+JOBS = {"visualglm": (convert_visualglm, VISUALGLM_FLAGS),
+        "lavis": (convert_lavis_release, SOURCE_FLAGS + OPTION_FLAGS)}
+
+
 @fail_cleanly
 def main(argv=None):
+    from .. import families
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.model_type == VISUALGLM:
-        refuse_flags(parser, args, SOURCE_FLAGS + OPTION_FLAGS, "only with --model_type minigpt4 or minigpt4qwen")
-    else:
-        refuse_flags(parser, args, VISUALGLM_FLAGS, "only with --model_type visualglm")
+    job = families.get(args.model_type).conversion.job
+    for other, (_, flags) in JOBS.items():
+        if other != job:
+            takers = " or ".join(f.name for f in families.with_conversion(other))
+            refuse_flags(parser, args, flags, f"only with --model_type {takers}")
     if args.format == "bin" and not args.mindspore_config:
         raise ValueError("--format bin: MindSpore checkpoints are written as ckpt or safetensors")
     signal.signal(signal.SIGTERM, _terminate)
-    (convert_visualglm if args.model_type == VISUALGLM else convert_blip2_family)(args)
+    JOBS[job][0](args)
     return 0

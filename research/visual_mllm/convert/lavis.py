@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from .. import families
 from ..vision.eva_vit import EvaViTConfig
 from ..vision.image_encoder import ImageEncoderConfig
 from ..vision.qformer import QFormerConfig
@@ -153,12 +154,10 @@ EVA_FILE = FileKind("--eva_vit_path", "cls_token",
                     "the EVA ViT-g weights eva_vit_g.pth (a plain state dict: cls_token, pos_embed, blocks.N.*)")
 BLIP2_FILE = FileKind("--qformer_path", "query_tokens",
                       "the BLIP-2 checkpoint blip2_pretrained_flant5xxl.pth (query_tokens, ln_vision, Qformer.bert.*)")
-PROJECTION_FILES = {
-    "minigpt4": FileKind("--proj_path", "llama_proj.weight",
-                         "MiniGPT-4's projection checkpoint pretrained_minigpt4*.pth (llama_proj.*)", "minigpt4"),
-    "minigpt4qwen": FileKind("--proj_path", "llm_proj.weight",
-                             "MiniGPT4Qwen's checkpoint model.pth (llm_proj.*)", "minigpt4qwen"),
-}
+PROJECTION_FILES = {family.name: FileKind("--proj_path", f"{family.conversion.projection}.weight",
+                                           f"{family.conversion.projection_file} ({family.conversion.projection}.*)",
+                                           family.name)
+                    for family in families.with_conversion("lavis")}
 FILE_KINDS = (EVA_FILE, BLIP2_FILE, *PROJECTION_FILES.values())
 
 

@@ -17,38 +17,42 @@ only when everything is written.
 """
 import os
 from dataclasses import asdict, dataclass
+from importlib import import_module
 from types import ModuleType
 from typing import Optional
 
 from .. import families
 from ..families import Family
-from . import lavis, llama_hf, qwen_hf
+from . import lavis
 from .job import (MANIFEST, Timer, check_projection, combine_plans, model_parameters, output_files, part_files,
                   planned_parts, processor_error, run_yaml, run_yaml_name, tokenizer_files, write_mindspore)
 from .keymap import plan
 from .readers import ConversionError, Source, read_json
 from .hf_folder import CONFIG_FILE, read_source as read_hf_weights
 
+JOB = "lavis"  # the families.Conversion job this module runs
 DEFAULT_SEQ_LENGTH = 2048  # the context run_infer.py generates in (prompt + answer), at most the LLM's own
 
 
 @dataclass(frozen=True)
 class Spec:
-    """What differs between the two families: the family record, the LLM's format module, the projection."""
+    """What the job reads of a family record: the family, its LLM folder's format module, the projection."""
 
     family: Family
-    llm: ModuleType    # llama_hf or qwen_hf
-    projection: str    # the projection's name in --proj_path
+    llm: ModuleType    # a convert/ module with the LLM folder's key tables: llama_hf, qwen_hf
+    projection: str    # the projection's key prefix in --proj_path
+
+    @classmethod
+    def of(cls, name):
+        family = families.get(name)
+        if family.conversion.job != JOB:
+            raise ConversionError(f"--model_type {name}: its release is not converted from LAVIS-era files")
+        return cls(family, import_module(f"{__package__}.{family.conversion.llm_format}"),
+                   family.conversion.projection)
 
     @property
     def source_format(self):
         return f"lavis+{self.projection}+{self.llm.FORMAT}"
-
-
-SPECS = {
-    "minigpt4": Spec(families.get("minigpt4"), llama_hf, "llama_proj"),
-    "minigpt4qwen": Spec(families.get("minigpt4qwen"), qwen_hf, "llm_proj"),
-}
 
 
 @dataclass(frozen=True)
@@ -175,7 +179,7 @@ def to_mindspore(model_type, eva_vit_path, qformer_path, proj_path, llm_path, ou
                  file_format="ckpt", options=Options()):
     """Convert the four sources of a MiniGPT-4 / MiniGPT4Qwen model into output_dir; returns the run YAML's path."""
     timer = Timer()
-    spec = SPECS[model_type]
+    spec = Spec.of(model_type)
     family = spec.family
     output_dir = os.path.abspath(output_dir)
     sources = read_image_files(spec, eva_vit_path, qformer_path, proj_path)
