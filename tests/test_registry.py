@@ -325,11 +325,11 @@ def test_6b_yaml_has_the_released_sizes():
     qformer = config.image_encoder_config.qformer_config
     llm = config.llm_config
     assert (vit.image_size, vit.patch_size, vit.hidden_size, vit.num_layers, vit.num_heads,
-            vit.mlp_hidden_size) == (224, 14, 1408, 39, 16, 6144)
+            vit.intermediate_size) == (224, 14, 1408, 39, 16, 6144)
     assert (qformer.num_query_tokens, qformer.hidden_size, qformer.num_layers, qformer.num_heads,
             qformer.intermediate_size, qformer.cross_attention_frequency,
             qformer.encoder_hidden_size) == (32, 768, 12, 12, 3072, 2, 1408)
-    assert (llm.vocab_size, llm.hidden_size, llm.num_layers, llm.num_heads, llm.inner_hidden_size) == \
+    assert (llm.vocab_size, llm.hidden_size, llm.num_layers, llm.num_heads, llm.intermediate_size) == \
         (130528, 4096, 28, 32, 16384)
     assert (llm.bos_token_id, llm.eos_token_id, llm.pad_token_id, llm.mask_token_id, llm.gmask_token_id) == \
         (130004, 130005, 3, 130000, 130001)

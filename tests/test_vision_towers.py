@@ -222,14 +222,14 @@ def hf_blip2():
     vc, qc = config.vit_config, config.qformer_config
     generator = torch.Generator().manual_seed(0)
     vision = transformers.Blip2VisionModel(transformers.Blip2VisionConfig(
-        hidden_size=vc.hidden_size, intermediate_size=vc.mlp_hidden_size, num_hidden_layers=vc.num_layers,
+        hidden_size=vc.hidden_size, intermediate_size=vc.intermediate_size, num_hidden_layers=vc.num_layers,
         num_attention_heads=vc.num_heads, image_size=vc.image_size, patch_size=vc.patch_size,
-        layer_norm_eps=vc.layer_norm_eps, qkv_bias=True, attn_implementation="eager")).eval()
+        layer_norm_eps=vc.norm_eps, qkv_bias=True, attn_implementation="eager")).eval()
     vision.post_layernorm.eps = config.ln_vision_eps  # HF reuses the block eps for post_layernorm
     qformer = transformers.Blip2QFormerModel(transformers.Blip2QFormerConfig(
         hidden_size=qc.hidden_size, num_hidden_layers=qc.num_layers, num_attention_heads=qc.num_heads,
         intermediate_size=qc.intermediate_size, cross_attention_frequency=qc.cross_attention_frequency,
-        encoder_hidden_size=qc.encoder_hidden_size, layer_norm_eps=qc.layer_norm_eps,
+        encoder_hidden_size=qc.encoder_hidden_size, layer_norm_eps=qc.norm_eps,
         attn_implementation="eager")).eval()
     randomise(vision, generator)
     randomise(qformer, generator)

@@ -39,7 +39,7 @@ class Sizes:
     hidden_size: int
     num_layers: int
     num_heads: int
-    inner_hidden_size: int
+    intermediate_size: int
     text_tokens: int       # prompt text tokens around the image placeholders
     new_tokens: int
     seq_length: int
@@ -48,11 +48,11 @@ class Sizes:
 # ViT-B/14 at 224 px (257 tokens), the real Q-Former sizes, and the llm_decode section's GLM.
 FULL = Sizes(image_size=224, vit_hidden=768, vit_layers=12, vit_heads=12, vit_mlp=3072, queries=32,
              qformer_hidden=768, qformer_layers=12, qformer_heads=12, qformer_mlp=3072, vocab_size=32000,
-             hidden_size=1024, num_layers=4, num_heads=16, inner_hidden_size=4096, text_tokens=64,
+             hidden_size=1024, num_layers=4, num_heads=16, intermediate_size=4096, text_tokens=64,
              new_tokens=32, seq_length=256)
 QUICK = Sizes(image_size=56, vit_hidden=64, vit_layers=2, vit_heads=4, vit_mlp=256, queries=8,
               qformer_hidden=64, qformer_layers=2, qformer_heads=4, qformer_mlp=256, vocab_size=4096,
-              hidden_size=256, num_layers=2, num_heads=4, inner_hidden_size=1024, text_tokens=24,
+              hidden_size=256, num_layers=2, num_heads=4, intermediate_size=1024, text_tokens=24,
               new_tokens=8, seq_length=128)
 
 
@@ -98,13 +98,13 @@ def build_visualglm(sizes):
         image_encoder_config={
             "vit_config": {"image_size": sizes.image_size, "patch_size": 14, "hidden_size": sizes.vit_hidden,
                            "num_layers": sizes.vit_layers, "num_heads": sizes.vit_heads,
-                           "mlp_hidden_size": sizes.vit_mlp},
+                           "intermediate_size": sizes.vit_mlp},
             "qformer_config": {"num_query_tokens": sizes.queries, "hidden_size": sizes.qformer_hidden,
                                "num_layers": sizes.qformer_layers, "num_heads": sizes.qformer_heads,
                                "intermediate_size": sizes.qformer_mlp, "encoder_hidden_size": sizes.vit_hidden}},
         llm_config={"vocab_size": sizes.vocab_size, "hidden_size": sizes.hidden_size,
                     "num_layers": sizes.num_layers, "num_heads": sizes.num_heads,
-                    "inner_hidden_size": sizes.inner_hidden_size, "max_sequence_length": sizes.seq_length},
+                    "intermediate_size": sizes.intermediate_size, "max_position_embeddings": sizes.seq_length},
         seq_length=sizes.seq_length, use_past=True)
     model.set_train(False)
     return model, processor
@@ -171,7 +171,7 @@ def build_torch(sizes):
     query_tokens = torch.randn(1, sizes.queries, sizes.qformer_hidden) * 0.02
     projection = torch.nn.Linear(sizes.qformer_hidden, sizes.hidden_size).eval()
     llama = LlamaForCausalLM(LlamaConfig(
-        vocab_size=sizes.vocab_size, hidden_size=sizes.hidden_size, intermediate_size=sizes.inner_hidden_size,
+        vocab_size=sizes.vocab_size, hidden_size=sizes.hidden_size, intermediate_size=sizes.intermediate_size,
         num_hidden_layers=sizes.num_layers, num_attention_heads=sizes.num_heads,
         num_key_value_heads=sizes.num_heads, max_position_embeddings=sizes.seq_length,
         tie_word_embeddings=False)).eval()
@@ -229,7 +229,7 @@ def run(settings: Settings) -> Section:
         f"- chat_inference model: ViT {sizes.image_size} px / patch 14, hidden {sizes.vit_hidden}, "
         f"{sizes.vit_layers} layers; Q-Former {sizes.queries} queries, hidden {sizes.qformer_hidden}, "
         f"{sizes.qformer_layers} layers; LLM hidden {sizes.hidden_size}, {sizes.num_layers} layers, "
-        f"{sizes.num_heads} heads, inner {sizes.inner_hidden_size}, vocab {sizes.vocab_size}; fp32; prompt "
+        f"{sizes.num_heads} heads, inner {sizes.intermediate_size}, vocab {sizes.vocab_size}; fp32; prompt "
         f"{prompt_len} tokens ({sizes.queries} of them image), {sizes.new_tokens} new tokens, greedy; "
         f"MindSpore seq_length {sizes.seq_length} (KV cache)")
     ms_res = run_mindspore(sizes, settings, rng, pixels)

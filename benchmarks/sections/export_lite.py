@@ -42,13 +42,13 @@ def run_config(s):
                 "image_encoder_config": {
                     "vit_config": {"image_size": s.image_size, "patch_size": 14, "hidden_size": s.vit_hidden,
                                    "num_layers": s.vit_layers, "num_heads": heads(s.vit_hidden),
-                                   "mlp_hidden_size": 4 * s.vit_hidden},
+                                   "intermediate_size": 4 * s.vit_hidden},
                     "qformer_config": {"num_query_tokens": 32, "hidden_size": s.vit_hidden, "num_layers": 4,
                                        "num_heads": heads(s.vit_hidden), "intermediate_size": 4 * s.vit_hidden,
                                        "encoder_hidden_size": s.vit_hidden}},
                 # the tiny packaged tokenizer's ids (vocab 1144)
                 "llm_config": {"vocab_size": 1144, "hidden_size": s.llm_hidden, "num_layers": s.llm_layers,
-                               "num_heads": heads(s.llm_hidden), "inner_hidden_size": 4 * s.llm_hidden,
+                               "num_heads": heads(s.llm_hidden), "intermediate_size": 4 * s.llm_hidden,
                                "bos_token_id": 804, "eos_token_id": 805, "pad_token_id": 3,
                                "mask_token_id": 800, "gmask_token_id": 801}},
             "arch": {"type": "VisualGLMForConditionalGeneration"}},

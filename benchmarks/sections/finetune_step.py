@@ -44,12 +44,12 @@ class Mid:
     hidden_size: int
     num_layers: int
     num_heads: int
-    inner_hidden_size: int
+    intermediate_size: int
     seq: int
 
 
-FULL = Mid(vocab_size=32000, hidden_size=1024, num_layers=4, num_heads=16, inner_hidden_size=4096, seq=320)
-QUICK = Mid(vocab_size=4096, hidden_size=256, num_layers=2, num_heads=4, inner_hidden_size=1024, seq=320)
+FULL = Mid(vocab_size=32000, hidden_size=1024, num_layers=4, num_heads=16, intermediate_size=4096, seq=320)
+QUICK = Mid(vocab_size=4096, hidden_size=256, num_layers=2, num_heads=4, intermediate_size=1024, seq=320)
 
 
 def build_step(config_path, lora, trainable, dataset_overrides=None, batch_size=1, **model_overrides):
@@ -186,7 +186,7 @@ def run(settings: Settings) -> Section:
               dataset_overrides={"max_source_length": 64, "max_target_length": mid.seq - 64},
               llm_config={"vocab_size": mid.vocab_size, "hidden_size": mid.hidden_size,
                           "num_layers": mid.num_layers, "num_heads": mid.num_heads,
-                          "inner_hidden_size": mid.inner_hidden_size, "max_sequence_length": 2048}),
+                          "intermediate_size": mid.intermediate_size, "max_position_embeddings": 2048}),
          f"rank 10 on qkv+dense of layers 0 and {mid.num_layers - 1}; vocab {mid.vocab_size}; {mid.seq} tokens"),
     ]
     for name, kwargs, note in cases:

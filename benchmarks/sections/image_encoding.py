@@ -14,7 +14,7 @@ TITLE = "Image encoding: MindSpore EVA ViT-g width vs transformers Blip2VisionMo
 BATCHES = (1, 4)
 
 # EvaViTConfig arguments. Full: ViT-g/14's width, heads and MLP at 224 px, 4 of its 39 blocks.
-FULL = dict(image_size=224, patch_size=14, hidden_size=1408, num_layers=4, num_heads=16, mlp_hidden_size=6144)
+FULL = dict(image_size=224, patch_size=14, hidden_size=1408, num_layers=4, num_heads=16, intermediate_size=6144)
 # --quick: one block on a 112 px image (65 tokens).
 QUICK = dict(FULL, image_size=112, num_layers=1)
 
@@ -34,9 +34,9 @@ def models(config):
     ln_vision_eps = ImageEncoderConfig(vit_config=config).ln_vision_eps  # BLIP-2's; the blocks' is EVA's 1e-6
     torch.manual_seed(0)
     hf = transformers.Blip2VisionModel(transformers.Blip2VisionConfig(
-        hidden_size=config.hidden_size, intermediate_size=config.mlp_hidden_size,
+        hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads, image_size=config.image_size,
-        patch_size=config.patch_size, layer_norm_eps=config.layer_norm_eps, qkv_bias=True,
+        patch_size=config.patch_size, layer_norm_eps=config.norm_eps, qkv_bias=True,
         initializer_range=0.02)).eval()  # HF's default 1e-10 would make every token nearly the same
     hf.post_layernorm.eps = ln_vision_eps  # HF reuses the blocks' eps for it
     ours = nn.SequentialCell(OrderedDict(vit=EvaViT(config), ln_vision=LayerNorm(config.hidden_size, ln_vision_eps)))
@@ -55,7 +55,7 @@ def run(settings: Settings) -> Section:
     section.config.append(
         f"- image_encoding model: EVA ViT {config.image_size} px / patch {config.patch_size} "
         f"({config.num_patches + 1} tokens), hidden {config.hidden_size}, {config.num_layers} blocks, "
-        f"{config.num_heads} heads, MLP {config.mlp_hidden_size}, + ln_vision; fp32; batch "
+        f"{config.num_heads} heads, MLP {config.intermediate_size}, + ln_vision; fp32; batch "
         f"{', '.join(map(str, BATCHES))}")
     ours, hf = models(config)
     rng = np.random.default_rng(0)
@@ -89,7 +89,7 @@ def run(settings: Settings) -> Section:
         "MS = visual_mllm.vision.eva_vit.EvaViT (patch embedding as one matmul, exact GELU) followed by "
         "ln_vision, in graph mode; PT = transformers Blip2VisionModel (sdpa attention) under "
         f"torch.inference_mode(), its post_layernorm eps set to ln_vision's {hf.post_layernorm.eps:g} (blocks: "
-        f"{config.layer_norm_eps:g}). fp32, the "
+        f"{config.norm_eps:g}). fp32, the "
         "same random weights (HF's init with std 0.02, copied into ours), random pixels. Outputs agree to "
         f"max |diff| {max(differences):.1e}.",
         "The Q-Former (32 queries) and the projection, which follow in the chat models, are not timed here "

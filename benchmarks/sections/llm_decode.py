@@ -28,7 +28,7 @@ class Sizes:
     num_layers: int
     num_heads: int
     num_kv_heads: int
-    intermediate_size: int  # LLaMA's SwiGLU width and GLM's inner_hidden_size
+    intermediate_size: int  # LLaMA's SwiGLU width and GLM's MLP width
     cache_len: int        # slots of the KV cache the prefill/decode rows use (the engine's seq_length)
     contexts: tuple       # prefill lengths and decode contexts
     other_caches: tuple   # further cache sizes a decode at the first context is timed with
@@ -112,8 +112,8 @@ def models(sizes):
     copy_weights(llama, llama_hf.rules(llama.config), hf.state_dict(), prefix="llm.")
     v = sizes.vocab_size
     glm = GLMModel(GLMConfig(vocab_size=v, hidden_size=sizes.hidden_size, num_layers=sizes.num_layers,
-                             num_heads=sizes.num_heads, inner_hidden_size=sizes.intermediate_size,
-                             max_sequence_length=longest, bos_token_id=v - 4, eos_token_id=v - 3,
+                             num_heads=sizes.num_heads, intermediate_size=sizes.intermediate_size,
+                             max_position_embeddings=longest, bos_token_id=v - 4, eos_token_id=v - 3,
                              mask_token_id=v - 2, gmask_token_id=v - 1, pad_token_id=3))
     llama.set_train(False)
     glm.set_train(False)

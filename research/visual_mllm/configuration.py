@@ -3,12 +3,25 @@
 mindformers' own PretrainedConfig silently stores any key it is given, so a typo in a YAML file
 (`num_layer: 2`) would build a model of the default size without a word. Our configs accept only
 their own fields, the generic fields mindformers itself writes, and `type` (the registry name).
+
+Former field names: a config class may list, in `former_keys`, the names its fields had before a rename
+({former name: current name}); every tower config names the MLP width `intermediate_size` and its norm
+epsilon `norm_eps`, and YAML files written before that still say e.g. `mlp_hidden_size`. A former name
+given on construction (keyword, YAML or JSON dict) is read as the current one; giving both is an error
+(`ConflictingConfigKeyError`). Configs are always written out under the current names.
 """
+import functools
+import inspect
+
 from mindformers.models.configuration_utils import PretrainedConfig
 
 
 class UnknownConfigKeyError(ValueError):
     """A config was given a key it does not define."""
+
+
+class ConflictingConfigKeyError(ValueError):
+    """A config was given a field under both its former and its current name."""
 
 
 def _generic_keys():
@@ -22,6 +35,45 @@ class StrictConfig(PretrainedConfig):
     """Subclasses set their fields in __init__ and then call super().__init__(**kwargs)."""
 
     model_type = "visual_mllm"
+    # {former field name: current field name} of this class, read on construction (see the module
+    # docstring); a subclass adds its own, those of its bases still apply
+    former_keys = {}
+
+    def __init_subclass__(cls, **kwargs):
+        # every subclass __init__ gets its keyword arguments with the former names already translated
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+
+        @functools.wraps(init)
+        def __init__(self, *args, **kw):
+            init(self, *args, **type(self).translate_former_keys(kw))
+
+        cls.__init__ = __init__
+
+    @classmethod
+    def all_former_keys(cls):
+        """{former name: current name} of this class and its bases."""
+        out = {}
+        for klass in reversed(cls.__mro__):
+            out.update(vars(klass).get("former_keys", {}))
+        return out
+
+    @classmethod
+    def translate_former_keys(cls, kwargs):
+        """kwargs with every former field name replaced by the current one (a new dict)."""
+        renames = cls.all_former_keys()
+        out = dict(kwargs)
+        for former, current in renames.items():
+            if former not in out:
+                continue
+            if current in out:
+                raise ConflictingConfigKeyError(
+                    f"{cls.__name__}: both {former!r} (the former name) and {current!r} are given; "
+                    f"keep only {current!r}")
+            out[current] = out.pop(former)
+        return out
 
     def __init__(self, **kwargs):
         kwargs.pop("type", None)
@@ -38,7 +90,7 @@ class StrictConfig(PretrainedConfig):
 
     @classmethod
     def own_keys(cls):
-        code = cls.__init__.__code__
+        code = inspect.unwrap(cls.__init__).__code__
         return [name for name in code.co_varnames[1:code.co_argcount + code.co_kwonlyargcount]]
 
     @staticmethod

@@ -22,7 +22,9 @@ refuses a tokenizer section without ``vocab_file``. For a real ice_text.model al
 ``num_image_tokens: 0`` (the published tokenizer_config.json value; the class default is 20000).
 
 Unknown keys: every config is a ``StrictConfig``; an unknown key anywhere in ``model_config`` (nested
-configs included) raises ``UnknownConfigKeyError`` naming it, through every route above.
+configs included) raises ``UnknownConfigKeyError`` naming it, through every route above. Field names a
+config class has renamed (its ``former_keys``, e.g. ``mlp_hidden_size`` -> ``intermediate_size``) are
+still read, as the current ones; giving both raises ``ConflictingConfigKeyError``.
 """
 import copy
 import os

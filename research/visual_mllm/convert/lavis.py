@@ -229,7 +229,7 @@ def vit_config(eva, num_layers=None, num_heads=None):
         raise ConversionError(f"--vit_num_layers {layers}: {eva.description} has {blocks} blocks")
     config = EvaViTConfig(image_size=grid * patch, patch_size=patch, in_channels=channels, hidden_size=width,
                           num_layers=layers, num_heads=heads(width, num_heads, EVA_HEAD_DIM, "--vit_num_heads", "ViT"),
-                          mlp_hidden_size=shape(eva, "blocks.0.mlp.fc1.weight", "ViT MLP width")[0])
+                          intermediate_size=shape(eva, "blocks.0.mlp.fc1.weight", "ViT MLP width")[0])
     return config, blocks
 
 

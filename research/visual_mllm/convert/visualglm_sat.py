@@ -280,8 +280,8 @@ def image_encoder_config_from_sat(model_config):
         hidden_size=eva["hidden_size"],
         num_layers=eva["num_layers"],
         num_heads=eva["num_attention_heads"],
-        mlp_hidden_size=eva.get("inner_hidden_size") or 4 * eva["hidden_size"],  # SAT's default
-        layer_norm_eps=eva["layernorm_epsilon"],
+        intermediate_size=eva.get("inner_hidden_size") or 4 * eva["hidden_size"],  # SAT's default
+        norm_eps=eva["layernorm_epsilon"],
     )
     qformer_config = QFormerConfig(
         num_query_tokens=qformer["vocab_size"],
@@ -291,7 +291,7 @@ def image_encoder_config_from_sat(model_config):
         intermediate_size=qformer.get("inner_hidden_size") or 4 * qformer["hidden_size"],  # SAT's default
         cross_attention_frequency=cross_attention_frequency(qformer["is_decoder"]),
         encoder_hidden_size=qformer["cross_attn_hidden_size"],
-        layer_norm_eps=qformer["layernorm_epsilon"],
+        norm_eps=qformer["layernorm_epsilon"],
     )
     return ImageEncoderConfig(vit_config=vit_config, qformer_config=qformer_config,
                               projection_size=model_config["hidden_size"])
@@ -305,9 +305,9 @@ def glm_config_from_sat(model_config, eos_token_id):
         hidden_size=hidden,
         num_layers=model_config["num_layers"],
         num_heads=model_config["num_attention_heads"],
-        inner_hidden_size=model_config.get("inner_hidden_size") or 4 * hidden,  # SAT's default
-        layernorm_epsilon=model_config.get("layernorm_epsilon", 1e-5),
-        max_sequence_length=model_config["max_sequence_length"],
+        intermediate_size=model_config.get("inner_hidden_size") or 4 * hidden,  # SAT's default
+        norm_eps=model_config.get("layernorm_epsilon", 1e-5),
+        max_position_embeddings=model_config["max_sequence_length"],
         bos_token_id=model_config["bos_token_id"],
         eos_token_id=model_config.get("eos_token_id", eos_token_id),
         pad_token_id=model_config["pad_token_id"],
@@ -332,8 +332,8 @@ def eva_args(config):
     return {"num_layers": vit.num_layers, "hidden_size": vit.hidden_size, "num_attention_heads": vit.num_heads,
             "vocab_size": 1, "layernorm_order": "pre", "model_parallel_size": 1,
             "max_sequence_length": (vit.image_size // vit.patch_size) ** 2 + 1,
-            "inner_hidden_size": vit.mlp_hidden_size, "use_final_layernorm": False,
-            "layernorm_epsilon": vit.layer_norm_eps, "image_size": [vit.image_size, vit.image_size],
+            "inner_hidden_size": vit.intermediate_size, "use_final_layernorm": False,
+            "layernorm_epsilon": vit.norm_eps, "image_size": [vit.image_size, vit.image_size],
             "pre_len": 1, "post_len": 0, "in_channels": vit.in_channels, "num_classes": 0,
             "patch_size": vit.patch_size}
 
@@ -345,7 +345,7 @@ def qformer_args(config):
             "num_attention_heads": qformer.num_heads, "vocab_size": qformer.num_query_tokens,
             "layernorm_order": "post", "model_parallel_size": 1, "max_sequence_length": 0,
             "is_decoder": [i % qformer.cross_attention_frequency == 0 for i in range(qformer.num_layers)],
-            "cross_attn_hidden_size": qformer.encoder_hidden_size, "layernorm_epsilon": qformer.layer_norm_eps}
+            "cross_attn_hidden_size": qformer.encoder_hidden_size, "layernorm_epsilon": qformer.norm_eps}
     # VisualGLM's own qformer_args leave the MLP width to SAT's default (4 x hidden): write it only when
     # it differs, so that a release's config round-trips as it was written.
     if qformer.intermediate_size != 4 * qformer.hidden_size:
@@ -358,13 +358,13 @@ def sat_model_config(config):
     glm = config.llm_config
     out = {"model_class": "VisualGLMModel", "tokenizer_type": "THUDM/chatglm-6b", "num_layers": glm.num_layers,
            "hidden_size": glm.hidden_size, "num_attention_heads": glm.num_heads, "vocab_size": glm.vocab_size,
-           "layernorm_order": "post", "model_parallel_size": 1, "max_sequence_length": glm.max_sequence_length,
+           "layernorm_order": "post", "model_parallel_size": 1, "max_sequence_length": glm.max_position_embeddings,
            "image_length": config.image_encoder_config.qformer_config.num_query_tokens,
            "eva_args": eva_args(config), "qformer_args": qformer_args(config)}
-    if glm.inner_hidden_size != 4 * glm.hidden_size:
-        out["inner_hidden_size"] = glm.inner_hidden_size
-    if glm.layernorm_epsilon != 1e-5:
-        out["layernorm_epsilon"] = glm.layernorm_epsilon
+    if glm.intermediate_size != 4 * glm.hidden_size:
+        out["inner_hidden_size"] = glm.intermediate_size
+    if glm.norm_eps != 1e-5:
+        out["layernorm_epsilon"] = glm.norm_eps
     out.update(bos_token_id=glm.bos_token_id, mask_token_id=glm.mask_token_id, gmask_token_id=glm.gmask_token_id,
                pad_token_id=glm.pad_token_id)
     return out

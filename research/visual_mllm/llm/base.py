@@ -35,8 +35,8 @@ class LLMConfig(StrictConfig):
     """What shared code (generation, export, finetune, the processor) reads of every decoder's config:
     vocab_size, hidden_size, num_layers, num_heads, head_dim, intermediate_size (the MLP width),
     norm_eps, max_position_embeddings (the longest prompt + answer the model was trained for) and the
-    bos/eos/pad token ids. A decoder whose release names a field otherwise keeps the release's name as
-    its field (so its configs read as the release's) and maps it here with a property (GLM)."""
+    bos/eos/pad token ids. Every decoder's config uses these names, whatever its release calls them
+    (GLM's `inner_hidden_size`, `layernorm_epsilon`, `max_sequence_length`): the converters translate."""
 
     @property
     def head_dim(self):

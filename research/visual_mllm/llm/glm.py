@@ -19,18 +19,25 @@ from .base import Decoder, LLMConfig, PositionScheme, attend_cache, rotate_half
 
 @MindFormerRegister.register(MindFormerModuleType.CONFIG)
 class GLMConfig(LLMConfig):
-    """Sizes and special ids of a GLM v1 decoder (defaults: ChatGLM-6B)."""
+    """Sizes and special ids of a GLM v1 decoder (defaults: ChatGLM-6B).
+
+    The fields use the LLMConfig names; the release's SAT / HF config.json names (`inner_hidden_size`,
+    `layernorm_epsilon`, `max_sequence_length`) are translated by the converters, and are also accepted
+    here as former names (YAMLs written before the rename).
+    """
 
     model_type = "glm"
+    former_keys = {"inner_hidden_size": "intermediate_size", "layernorm_epsilon": "norm_eps",
+                   "max_sequence_length": "max_position_embeddings"}
 
     def __init__(self,
                  vocab_size=130528,          # rows of the embedding and lm_head (> tokenizer pieces in the release)
                  hidden_size=4096,
                  num_layers=28,              # also sets the DeepNorm alpha = sqrt(2 * num_layers)
                  num_heads=32,
-                 inner_hidden_size=16384,    # MLP width (SAT default 4 * hidden)
-                 layernorm_epsilon=1e-5,
-                 max_sequence_length=2048,   # longest prompt + answer the released model was trained for
+                 intermediate_size=16384,    # MLP width (SAT default 4 * hidden)
+                 norm_eps=1e-5,              # LayerNorm epsilon
+                 max_position_embeddings=2048,  # longest prompt + answer the released model was trained for
                  rotary_base=10000.0,
                  bos_token_id=130004,        # <sop>: starts the answer; the prompt's last token
                  eos_token_id=130005,        # <eop>: ends the answer
@@ -42,19 +49,14 @@ class GLMConfig(LLMConfig):
         self.hidden_size = hidden_size
         self.num_layers = num_layers
         self.num_heads = num_heads
-        self.inner_hidden_size = inner_hidden_size
-        self.layernorm_epsilon = layernorm_epsilon
-        self.max_sequence_length = max_sequence_length
+        self.intermediate_size = intermediate_size
+        self.norm_eps = norm_eps
+        self.max_position_embeddings = max_position_embeddings
         self.rotary_base = rotary_base
         self.mask_token_id = mask_token_id
         self.gmask_token_id = gmask_token_id
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                          **kwargs)
-
-    # the LLMConfig names of the fields GLM's releases name their own way
-    intermediate_size = property(lambda self: self.inner_hidden_size)
-    norm_eps = property(lambda self: self.layernorm_epsilon)
-    max_position_embeddings = property(lambda self: self.max_sequence_length)
 
 
 class GLMPositions(PositionScheme):
@@ -154,10 +156,10 @@ class GLMBlock(nn.Cell):
     def __init__(self, config):
         super().__init__()
         self.alpha = math.sqrt(2.0 * config.num_layers)
-        self.input_layernorm = LayerNorm(config.hidden_size, config.layernorm_epsilon)
+        self.input_layernorm = LayerNorm(config.hidden_size, config.norm_eps)
         self.attention = GLMAttention(config)
-        self.post_attention_layernorm = LayerNorm(config.hidden_size, config.layernorm_epsilon)
-        self.mlp = MLP(config.hidden_size, config.inner_hidden_size, approximate="tanh")
+        self.post_attention_layernorm = LayerNorm(config.hidden_size, config.norm_eps)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size, approximate="tanh")
 
     def construct(self, x, cos, sin, mask, cache_k, cache_v, valid_length, decode):
         h = self.input_layernorm(x)
@@ -174,7 +176,7 @@ class GLMModel(Decoder):
         self.word_embeddings = Embedding(config.vocab_size, config.hidden_size)
         self.rotary = GLMRotary(config.head_dim, config.rotary_base)
         self.layers = nn.CellList([GLMBlock(config) for _ in range(config.num_layers)])
-        self.final_layernorm = LayerNorm(config.hidden_size, config.layernorm_epsilon)
+        self.final_layernorm = LayerNorm(config.hidden_size, config.norm_eps)
         self.lm_head = dense(config.hidden_size, config.vocab_size, has_bias=False)
 
     @classmethod

@@ -24,22 +24,24 @@ class EvaViTConfig(StrictConfig):
     num_layers: 39 blocks. The released eva_vit_g.pth has 40, but BLIP-2 and its descendants drop
         the last one (they read the features of the penultimate block), so 39 is what they run.
     num_heads: 16 heads of 88 dims.
-    mlp_hidden_size: 6144 (EVA's mlp_ratio 4.3637, not the usual 4x), so it cannot be derived.
-    layer_norm_eps: 1e-6 inside the blocks (EVA's own value; ln_vision uses torch's default 1e-5).
+    intermediate_size: the MLP width, 6144 (EVA's mlp_ratio 4.3637, not the usual 4x), so it cannot be
+        derived.
+    norm_eps: 1e-6 inside the blocks (EVA's own value; ln_vision uses torch's default 1e-5).
     """
 
     model_type = "visual_mllm_eva_vit"
+    former_keys = {"mlp_hidden_size": "intermediate_size", "layer_norm_eps": "norm_eps"}
 
     def __init__(self, image_size=224, patch_size=14, in_channels=3, hidden_size=1408, num_layers=39,
-                 num_heads=16, mlp_hidden_size=6144, layer_norm_eps=1e-6, **kwargs):
+                 num_heads=16, intermediate_size=6144, norm_eps=1e-6, **kwargs):
         self.image_size = image_size
         self.patch_size = patch_size
         self.in_channels = in_channels
         self.hidden_size = hidden_size
         self.num_layers = num_layers
         self.num_heads = num_heads
-        self.mlp_hidden_size = mlp_hidden_size
-        self.layer_norm_eps = layer_norm_eps
+        self.intermediate_size = intermediate_size
+        self.norm_eps = norm_eps
         super().__init__(**kwargs)
 
     @property
@@ -97,10 +99,10 @@ class EvaBlock(nn.Cell):
 
     def __init__(self, config):
         super().__init__()
-        self.norm1 = LayerNorm(config.hidden_size, config.layer_norm_eps)
+        self.norm1 = LayerNorm(config.hidden_size, config.norm_eps)
         self.attn = EvaAttention(config.hidden_size, config.num_heads)
-        self.norm2 = LayerNorm(config.hidden_size, config.layer_norm_eps)
-        self.mlp = MLP(config.hidden_size, config.mlp_hidden_size, approximate="none")
+        self.norm2 = LayerNorm(config.hidden_size, config.norm_eps)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size, approximate="none")
 
     def construct(self, x):
         x = x + self.attn(self.norm1(x))  # [B, S, D]

@@ -23,14 +23,15 @@ class QFormerConfig(StrictConfig):
         i.e. layers 0, 2, 4, ... carry cross-attention weights and the others do not.
     encoder_hidden_size: width of the image features the cross-attention keys/values read, i.e. the
         ViT width (1408), which differs from the Q-Former width.
-    layer_norm_eps: BERT's 1e-12 (every Q-Former LayerNorm, including the one on the query tokens).
+    norm_eps: BERT's 1e-12 (every Q-Former LayerNorm, including the one on the query tokens).
     """
 
     model_type = "visual_mllm_qformer"
+    former_keys = {"layer_norm_eps": "norm_eps"}
 
     def __init__(self, num_query_tokens=32, hidden_size=768, num_layers=12, num_heads=12,
                  intermediate_size=3072, cross_attention_frequency=2, encoder_hidden_size=1408,
-                 layer_norm_eps=1e-12, **kwargs):
+                 norm_eps=1e-12, **kwargs):
         self.num_query_tokens = num_query_tokens
         self.hidden_size = hidden_size
         self.num_layers = num_layers
@@ -38,7 +39,7 @@ class QFormerConfig(StrictConfig):
         self.intermediate_size = intermediate_size
         self.cross_attention_frequency = cross_attention_frequency
         self.encoder_hidden_size = encoder_hidden_size
-        self.layer_norm_eps = layer_norm_eps
+        self.norm_eps = norm_eps
         super().__init__(**kwargs)
 
     def has_cross_attention(self, layer_index):
@@ -73,7 +74,7 @@ class QFormerLayer(nn.Cell):
 
     def __init__(self, config, has_cross_attention):
         super().__init__()
-        d, eps = config.hidden_size, config.layer_norm_eps
+        d, eps = config.hidden_size, config.norm_eps
         self.has_cross_attention = has_cross_attention
         self.self_attn = QFormerAttention(d, config.num_heads, d)
         self.self_attn_norm = LayerNorm(d, eps)
@@ -99,7 +100,7 @@ class QFormer(nn.Cell):
         self.query_tokens = Parameter(
             initializer(Normal(0.02), (1, config.num_query_tokens, config.hidden_size), ms.float32),
             name="query_tokens")
-        self.layernorm = LayerNorm(config.hidden_size, config.layer_norm_eps)
+        self.layernorm = LayerNorm(config.hidden_size, config.norm_eps)
         self.layers = nn.CellList([QFormerLayer(config, config.has_cross_attention(i))
                                    for i in range(config.num_layers)])
 
