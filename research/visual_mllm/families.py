@@ -30,12 +30,15 @@ class Conversion:
     job "lavis": the LAVIS-era files (--eva_vit_path, --qformer_path, --proj_path) and the LLM's HF folder
     (--llm_path), convert/minigpt4.py; then `llm_format` names the convert/ module with the LLM folder's
     key tables and `projection` / `projection_file` the projection's key prefix in --proj_path and the
-    file users know it as (for messages)."""
+    file users know it as (for messages); `release_projection` / `release_llm` are the names the way back
+    (--mindspore_config) writes the projection file and the LLM folder under, as the release calls them."""
 
     job: str
     llm_format: Optional[str] = None
     projection: Optional[str] = None
     projection_file: Optional[str] = None
+    release_projection: Optional[str] = None
+    release_llm: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -58,12 +61,14 @@ FAMILIES = (
            sampling=dict(do_sample=True, top_p=0.4, top_k=100, temperature=0.8, repetition_penalty=1.2),
            demo_config=os.path.join(CONFIGS_DIR, "visualglm_tiny", "run_visualglm_tiny.yaml")),
     Family("minigpt4", MiniGPT4Config, MiniGPT4ForConditionalGeneration, VicunaTokenizer, MiniGPT4PromptBuilder,
-           Conversion("lavis", "llama_hf", "llama_proj", "MiniGPT-4's projection checkpoint pretrained_minigpt4*.pth"),
+           Conversion("lavis", "llama_hf", "llama_proj", "MiniGPT-4's projection checkpoint pretrained_minigpt4*.pth",
+                      release_projection="pretrained_minigpt4.pth", release_llm="vicuna"),
            sampling=dict(do_sample=True, top_p=0.9, top_k=0, temperature=1.0, repetition_penalty=1.05),
            demo_config=os.path.join(CONFIGS_DIR, "minigpt4_tiny", "run_minigpt4_tiny.yaml")),
     Family("minigpt4qwen", MiniGPT4QwenConfig, MiniGPT4QwenForConditionalGeneration, QWenTokenizer,
            QwenPromptBuilder,
-           Conversion("lavis", "qwen_hf", "llm_proj", "MiniGPT4Qwen's checkpoint model.pth"),
+           Conversion("lavis", "qwen_hf", "llm_proj", "MiniGPT4Qwen's checkpoint model.pth",
+                      release_projection="model.pth", release_llm="Qwen7B-chat"),
            # MiniGPT4Qwen's cli_demo decodes greedily (Qwen-7B-Chat's own default samples with top_p 0.8)
            sampling=dict(do_sample=False),
            demo_config=os.path.join(CONFIGS_DIR, "minigpt4qwen_tiny", "run_minigpt4qwen_tiny.yaml")),

@@ -1,4 +1,4 @@
-"""`convert_weight.py`: VisualGLM-6B, MiniGPT-4 and MiniGPT4Qwen weights to MindSpore (and VisualGLM back).
+"""`convert_weight.py`: VisualGLM-6B, MiniGPT-4 and MiniGPT4Qwen weights to MindSpore, and back.
 
 VisualGLM-6B (--model_type visualglm, the default; the source format is detected):
     python convert_weight.py --torch_path visualglm-6b/ --output_dir visualglm-6b-ms/
@@ -19,7 +19,15 @@ MiniGPT-4 (Vicuna) and MiniGPT4Qwen (Qwen-7B-Chat), from the files their release
         --output_dir minigpt4qwen-ms/
     --llm_path is the HF folder (config.json, .bin or .safetensors shards + index, and the tokenizer:
     tokenizer.model / qwen.tiktoken, copied to the output). Writes <family>_vit / _qformer / _llama or
-    _qwen (+ _embedding) checkpoints, manifest.json and run_minigpt4.yaml / run_minigpt4qwen.yaml.
+    _qwen (+ _embedding) checkpoints, manifest.json, run_minigpt4.yaml / run_minigpt4qwen.yaml, and keeps the
+    LLM folder's config.json (+ generation_config.json, special_tokens_map.json) for the way back.
+    Back to the release files (e.g. after finetuning):
+    python convert_weight.py --model_type minigpt4 --mindspore_config minigpt4-ms/run_minigpt4.yaml \\
+        --output_dir minigpt4-release/
+        eva_vit_g.pth, blip2_pretrained_flant5xxl.pth, pretrained_minigpt4.pth (MiniGPT4Qwen: model.pth) and
+        the LLM folder vicuna/ (Qwen7B-chat/) with the kept config.json (or --llm_path's); the ViT file gets
+        one all-zero block past the model's (a no-op block, where the release has its unused 40th), so
+        converting the files again needs no --vit_num_layers. The command to do so is printed.
 """
 import argparse
 import os
@@ -34,8 +42,8 @@ PART_FLAGS = {"vit": "vit_mindspore_path", "qformer": "qformer_mindspore_path", 
 SOURCE_FLAGS = ("eva_vit_path", "qformer_path", "proj_path", "llm_path")
 # what is in no file of those releases
 OPTION_FLAGS = ("vit_num_layers", "vit_num_heads", "qformer_num_heads", "seq_length")
-VISUALGLM_FLAGS = ("torch_path", "mindspore_config", "tokenizer", "lora", "lora_alpha", "max_shard_size",
-                   *PART_FLAGS.values())
+DEFAULT_SHARD_SIZE = "4GB"
+VISUALGLM_FLAGS = ("torch_path", "tokenizer", "lora", "lora_alpha", *PART_FLAGS.values())
 
 
 def build_parser():
@@ -48,13 +56,17 @@ def build_parser():
     source.add_argument("--torch_path",
                         help="SAT or HF-format VisualGLM release (folder or file): convert to MindSpore")
     source.add_argument("--mindspore_config",
-                        help="run YAML naming MindSpore checkpoints: convert them to the HF-format release")
-    blip2 = p.add_argument_group("MiniGPT-4 / MiniGPT4Qwen sources (give all four)")
+                        help="run YAML naming MindSpore checkpoints: convert them to the release format (VisualGLM: "
+                             "the HF-format release; MiniGPT-4 / MiniGPT4Qwen: the LAVIS files and the LLM folder)")
+    blip2 = p.add_argument_group("MiniGPT-4 / MiniGPT4Qwen sources (give all four; with --mindspore_config "
+                                 "only --llm_path: the folder whose config.json is written back)")
     blip2.add_argument("--eva_vit_path", help="eva_vit_g.pth (EVA ViT-g, a plain state dict)")
     blip2.add_argument("--qformer_path", help="blip2_pretrained_flant5xxl.pth (query tokens, ln_vision, Q-Former)")
     blip2.add_argument("--proj_path", help="the projection: pretrained_minigpt4*.pth (llama_proj) or "
                                            "MiniGPT4Qwen's model.pth (llm_proj)")
-    blip2.add_argument("--llm_path", help="the LLM's HF folder: Vicuna (LLaMA) or Qwen-7B-Chat (v1)")
+    blip2.add_argument("--llm_path", help="the LLM's HF folder: Vicuna (LLaMA) or Qwen-7B-Chat (v1); with "
+                                          "--mindspore_config, the folder whose config.json is written back "
+                                          "(default: the one the conversion kept beside the YAML's tokenizer)")
     sizes = p.add_argument_group("MiniGPT-4 / MiniGPT4Qwen: what no file holds")
     sizes.add_argument("--vit_num_layers", type=int, default=None,
                        help="ViT blocks to run (default: the blocks in --eva_vit_path but the last; 39 for the "
@@ -81,7 +93,7 @@ def build_parser():
                         "LoRADense weights in visualglm_glm_lora (base weights in visualglm_glm)")
     p.add_argument("--lora_alpha", type=float, default=None,
                    help="LoRA alpha (scaling = alpha / rank); default: model_config.json's, else SAT's 1")
-    p.add_argument("--max_shard_size", default="4GB", help="largest HF shard (to HF only)")
+    p.add_argument("--max_shard_size", default=DEFAULT_SHARD_SIZE, help="largest HF shard (with --mindspore_config only)")
     return p
 
 
@@ -119,7 +131,22 @@ def convert_visualglm(args):
 
 def convert_lavis_release(args):
     from ..convert import minigpt4
+    from ..convert.job import parse_size
 
+    if args.mindspore_config:
+        given = [f"--{flag}" for flag in SOURCE_FLAGS[:3] + OPTION_FLAGS if getattr(args, flag) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: not with --mindspore_config (the release files are written "
+                             f"from the model of the YAML)")
+        if not args.output_dir:
+            raise ValueError("--output_dir is required with --mindspore_config")
+        if args.format == "ckpt":
+            raise ValueError("--format ckpt: the LLM folder is written as bin or safetensors")
+        minigpt4.to_release(args.model_type, args.mindspore_config, args.output_dir, args.dtype, args.format or "bin",
+                            parse_size(args.max_shard_size), args.llm_path)
+        return
+    if args.max_shard_size != DEFAULT_SHARD_SIZE:
+        raise ValueError("--max_shard_size: only with --mindspore_config")
     missing = [f"--{flag}" for flag in SOURCE_FLAGS + ("output_dir",) if not getattr(args, flag)]
     if missing:
         raise ValueError(f"--model_type {args.model_type} needs --eva_vit_path, --qformer_path, --proj_path, "

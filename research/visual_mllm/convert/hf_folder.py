@@ -5,6 +5,8 @@ import os
 from .readers import ConversionError, Source, read_safetensors, read_sharded, read_torch_pickle
 
 CONFIG_FILE = "config.json"
+# the folder's files that are neither weights nor tokenizer, kept beside a conversion to be written back
+KEPT_FILES = (CONFIG_FILE, "generation_config.json", "special_tokens_map.json")
 # (index json, unsharded file, shard file pattern) of the two serializations
 BIN = ("pytorch_model.bin.index.json", "pytorch_model.bin", "pytorch_model-{:05d}-of-{:05d}.bin")
 SAFETENSORS = ("model.safetensors.index.json", "model.safetensors", "model-{:05d}-of-{:05d}.safetensors")

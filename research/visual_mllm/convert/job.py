@@ -16,17 +16,19 @@ import tempfile
 import time
 
 import yaml
+from mindformers.models.build_config import build_model_config
 from mindspore.nn.utils import no_init_parameters
 
+from .. import families
 from ..lora_layout import LORA_PARAMS
 from ..layers import Embedding
 from ..models.base import ProjectionMismatchError
 from ..models.pretrained import config_to_yaml_dict
 from ..models.weights import SPLIT_PARTS
-from ..registry import load_processor_from_yaml, processor_class
+from ..registry import load_processor_from_yaml, processor_class, read_run_config
 from .engine import DTYPES, BackgroundHashes, execute, planned_outputs, tool_versions
 from .keymap import Plan, Rule, Step
-from .readers import ConversionError, Source
+from .readers import ConversionError, Source, read_mindspore_ckpt, read_safetensors
 from .writers import CkptWriter, OutputFiles, SafetensorsWriter, TorchBinWriter
 
 PROJECTION_WEIGHT = "image_encoder.projection.weight"
@@ -234,6 +236,31 @@ def write_mindspore(the_plan, source_format, files, embedding, run, timer, dtype
         print(f"  {part}: {info['path']} ({info['tensors']} tensors, {info['bytes'] / 1e6:.1f} MB)")
     print(f"run it: python run_infer.py --config {yaml_path} --image_path IMG --prompt \"...\"")
     return written
+
+
+# ----------------------------------------------------------------------------------------- from MindSpore
+
+def read_model_yaml(config_yaml, family):
+    """(run config, model config) of a run YAML, refused when its model is not of `family` (a Family)."""
+    run_config = read_run_config(config_yaml)
+    config = build_model_config(run_config.model.model_config)
+    found = families.family_of(config)
+    if found is not family:
+        raise ConversionError(f"{config_yaml} holds a {found.name} model ({type(config).__name__}): give "
+                              f"--model_type {found.name}")
+    return run_config, config
+
+
+def read_mindspore_checkpoints(paths):
+    """The MindSpore checkpoint files of a run YAML as one Source (keys must not repeat across files)."""
+    tensors = {}
+    for path in paths:
+        found = read_safetensors(path) if path.endswith(".safetensors") else read_mindspore_ckpt(path)
+        twice = set(found) & set(tensors)
+        if twice:
+            raise ConversionError(f"{path} repeats parameters of another checkpoint: {sorted(twice)[:5]}")
+        tensors.update(found)
+    return Source(tensors, paths, f"MindSpore checkpoints {', '.join(paths)}")
 
 
 # ----------------------------------------------------------------------------------------- HF shards

@@ -15,6 +15,15 @@ tables, and the image-side sizes read from their tensor shapes.
   MiniGPT4Qwen's `model.pth` `llm_proj` (and the Q-Former's `position_ids` buffer, which its runner
   saves with the trainable weights; ignored). Both usually under 'model'; DeepSpeed's export without.
 
+The way back (`*_export_rules`, convert_weight.py --mindspore_config) writes the three files in this
+layout from our model: the fused qkv bias is split into q_bias / v_bias (its K third must be zero:
+`check_no_k_bias`); the BLIP-2 file holds what the model has (no text branch, `cls`, `t5_proj`); and
+eva_vit_g.pth gets one block more than the model runs, all zeros, in the place of the released file's
+unused last block. A pre-LN block whose weights and biases are all zero adds nothing to its input (its
+LayerNorms output 0, so do its attention and MLP), so the file runs the same whether that block is
+used or not: LAVIS's `create_eva_vit_g` skips it (strict=False), and converting the file again with
+the default `vit_num_layers` (the blocks in the file - 1) gives the same model back.
+
 Attention heads are not in any shape: the defaults are the released models' head widths (EVA ViT-g
 88: `create_eva_vit_g` builds 1408 // 88 = 16 heads; bert-base 64: 768 / 64 = 12), overridable for
 other sizes. The LayerNorm epsilons are in no file either: the config classes' defaults are the
@@ -30,16 +39,27 @@ from .. import families
 from ..vision.eva_vit import EvaViTConfig
 from ..vision.image_encoder import ImageEncoderConfig
 from ..vision.qformer import QFormerConfig
-from .keymap import IDENTITY, Transform, expand
+from .keymap import IDENTITY, Rule, Transform, expand, invert
 from .readers import ConversionError, names, read_torch_pickle
 from .visualglm_sat import cross_attention_frequency
 
 EVA_HEAD_DIM = 88   # EVA ViT-g: num_heads = embed_dim // 88
 BERT_HEAD_DIM = 64  # bert-base: 12 heads of 64
 LAVIS_CONTAINER = "model"  # LAVIS runners save {'model': state_dict, 'optimizer': ..., ...}
+EVA_RELEASE_FILE = "eva_vit_g.pth"                     # the file names the way back writes
+BLIP2_RELEASE_FILE = "blip2_pretrained_flant5xxl.pth"
+
+
+def split_eva_qkv_bias(bias):
+    """Our fused qkv bias [q; k; v] -> (q_bias, v_bias); LAVIS has no K bias, so k must be zero."""
+    q, k, v = bias.chunk(3)
+    if not bias.is_meta and bool(k.count_nonzero()):
+        raise ValueError("the K third of the fused qkv bias is not zero: LAVIS's EVA stores no K bias")
+    return q, v
+
 
 # q_bias [D], v_bias [D] -> the fused qkv bias [3D] with a zero K third
-EVA_QKV_BIAS = Transform("eva_qkv_bias", lambda q, v: (torch.cat([q, torch.zeros_like(q), v]),))
+EVA_QKV_BIAS = Transform("eva_qkv_bias", lambda q, v: (torch.cat([q, torch.zeros_like(q), v]),), split_eva_qkv_bias)
 
 # ----- the key maps: (LAVIS key(s), our key(s), transform); `{p}` = weight and bias -----
 
@@ -136,6 +156,45 @@ def qformer_ignored(source, qformer):
     """The BLIP-2 file's keys no chat model reads (present or not)."""
     keys = QFORMER_IGNORED + [key for i in range(qformer.num_layers) for key in source_keys(QFORMER_LAYER_IGNORED, i=i)]
     return keys + [key for key in source if key.startswith(QFORMER_IGNORED_MODULES)]
+
+
+# ----- the way back: our names -> the LAVIS files -----
+
+def zeros_of(transform):
+    """`transform`, with every output replaced by zeros of its shape and dtype."""
+    return Transform(f"zeros({transform.name})",
+                     lambda *tensors: tuple(torch.zeros_like(t) for t in transform(*tensors)))
+
+
+def vit_export_rules(vit):
+    """Our ViT -> eva_vit_g.pth: the inverse of `vit_rules`, plus block `num_layers` as a block of zeros
+    (shapes and dtypes of the last block's), which adds nothing to the image features (module docstring)."""
+    last = vit.num_layers - 1
+    zero_block = [Rule(ours.sources, theirs.sources, zeros_of(ours.transform))
+                  for ours, theirs in zip(invert(expand(VIT_LAYER, i=last)), expand(VIT_LAYER, i=vit.num_layers))]
+    return invert(vit_rules(vit)) + zero_block
+
+
+def qformer_export_rules(qformer):
+    """Our ln_vision and Q-Former -> the BLIP-2 file's keys (what the chat models have of it)."""
+    return invert(qformer_rules(qformer))
+
+
+def projection_export_rules(name):
+    return invert(projection_rules(name))
+
+
+def check_no_k_bias(source, vit):
+    """Refuse a ViT whose fused qkv bias has a non-zero K third (it has no eva_vit_g.pth layout); reads
+    only those biases, so it runs before anything is written."""
+    for i in range(vit.num_layers):
+        key = f"image_encoder.vit.blocks.{i}.attn.qkv.bias"
+        k = source[key].load().chunk(3)[1]
+        if bool(k.count_nonzero()):
+            raise ConversionError(
+                f"{key} ({source[key].file}): its K third is not zero (max |value| {k.abs().max().item():g}), "
+                f"but eva_vit_g.pth stores no K bias (only q_bias and v_bias): this ViT cannot be written in "
+                f"the LAVIS layout")
 
 
 # ----- which file is which -----

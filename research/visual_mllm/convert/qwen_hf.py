@@ -12,12 +12,15 @@ config.json (v1 names) -> QwenConfig: `intermediate_size` is 2 x the branch widt
 length: dynamic NTK and log-n scaling act only beyond it, so within it the decoder is exact). The
 eos/pad id is the tokenizer's `<|endoftext|>` and the image placeholder its `<|extra_0|>` (the v1
 config.json carries no special ids).
+
+The way back: `export_rules` (c_attn as it is, gate_up split into [w2; w1]) and `release_config` (the
+folder's own config.json, see llama_hf.written_config).
 """
 from ..llm.qwen import QwenConfig
 from ..processing.qwen_prompt import IMAGE_PLACEHOLDER
 from ..tokenizers.qwen import QWenTokenizer
 from .keymap import IDENTITY
-from .llama_hf import CONCAT_ROWS, build, decoder_rules, field, refuse
+from .llama_hf import CONCAT_ROWS, build, decoder_rules, field, invert_decoder, refuse, written_config
 
 FORMAT = "hf-qwen"
 MODEL_TYPE = "qwen"  # config.json's model_type
@@ -51,6 +54,11 @@ def ignored_keys(llm):
     return []  # the v1 checkpoints hold no buffers
 
 
+def export_rules(llm, hf=None):
+    """Our key -> Qwen key rules for a QwenConfig (the v1 folders hold no buffers, whatever config.json `hf` says)."""
+    return invert_decoder(rules(llm), llm)
+
+
 def read_config(hf, tokenizer, where):
     """(QwenConfig, the <|extra_0|> id that fills the image slots) of a v1 config.json dict."""
     hidden, heads = field(hf, "hidden_size", where), field(hf, "num_attention_heads", where)
@@ -70,3 +78,13 @@ def read_config(hf, tokenizer, where):
                  rope_theta=hf.get("rotary_emb_base", 10000.0),
                  max_position_embeddings=trained_length,
                  eos_token_id=eod, pad_token_id=eod), tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+
+
+# QwenConfig fields read from config.json other than sizes, and their v1 keys (the first one present)
+VALUE_KEYS = {"norm_eps": ("layer_norm_epsilon",), "rope_theta": ("rotary_emb_base",),
+              "max_position_embeddings": ("seq_length", "max_position_embeddings")}
+
+
+def release_config(hf, llm, tokenizer, where):
+    """(config.json dict, changed keys) of the Qwen v1 folder for a QwenConfig (llama_hf.written_config)."""
+    return written_config(hf, llm, tokenizer, where, read_config, VALUE_KEYS)

@@ -12,21 +12,18 @@ import json
 import os
 from dataclasses import dataclass
 
-from mindformers.models.build_config import build_model_config
-
 from .. import families
 from ..lora_layout import META_KEY as LORA_META_KEY, layout_meta
 from ..models.visualglm import VisualGLMForConditionalGeneration
-from ..registry import read_run_config
 from ..tokenizers.chatglm import PACKAGED_VOCAB_FILE, TOKENIZER_CONFIG_FILE, VOCAB_FILE_NAME, ChatGLMTokenizer
 from . import visualglm_hf, visualglm_sat
 from .hf_folder import BIN, CONFIG_FILE, SAFETENSORS
 from .engine import DTYPES
 from .job import (MANIFEST, Timer, check_projection, model_parameters, output_files, part_files, planned_parts,
-                  processor_error, run_yaml, run_yaml_name, source_bytes, tokenizer_files as files_of_tokenizer,
-                  write_hf_shards, write_mindspore)
+                  processor_error, read_mindspore_checkpoints, read_model_yaml, run_yaml, run_yaml_name, source_bytes,
+                  tokenizer_files as files_of_tokenizer, write_hf_shards, write_mindspore)
 from .keymap import plan
-from .readers import ConversionError, Source, read_json, read_mindspore_ckpt, read_safetensors
+from .readers import ConversionError, read_json
 from .writers import OutputFiles
 
 FAMILY = families.get(VisualGLMForConditionalGeneration.family)
@@ -188,23 +185,10 @@ def to_mindspore(torch_path, output_dir, dtype="auto", file_format="ckpt", token
 
 # ----------------------------------------------------------------------------------------- to HF
 
-def read_mindspore_checkpoints(paths):
-    """The MindSpore checkpoint files of a run YAML as one Source (keys must not repeat across files)."""
-    tensors = {}
-    for path in paths:
-        found = read_safetensors(path) if path.endswith(".safetensors") else read_mindspore_ckpt(path)
-        twice = set(found) & set(tensors)
-        if twice:
-            raise ConversionError(f"{path} repeats parameters of another checkpoint: {sorted(twice)[:5]}")
-        tensors.update(found)
-    return Source(tensors, paths, f"MindSpore checkpoints {', '.join(paths)}")
-
-
 def to_hf(config_yaml, output_dir, dtype="auto", file_format="bin", max_shard_size=4 * 10 ** 9):
     """Write the weights a run YAML names as the HF-format VisualGLM release into output_dir."""
     timer = Timer()
-    run_config = read_run_config(config_yaml)
-    config = build_model_config(run_config.model.model_config)
+    run_config, config = read_model_yaml(config_yaml, FAMILY)
     checkpoints = config.checkpoint_files()
     if not checkpoints:
         raise ConversionError(f"{config_yaml} names no checkpoint (vit_checkpoint / qformer_checkpoint / "

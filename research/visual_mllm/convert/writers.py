@@ -6,12 +6,13 @@
   from the tensor's memory. `mindspore.load_checkpoint` reads the result.
 * SafetensorsWriter: the header (names, dtypes, shapes, offsets) is known from the plan, so it is
   written first and the raw bytes of each tensor follow in order.
-* TorchBinWriter: a PyTorch pickle (`pytorch_model-*.bin`); torch.save needs the whole dict, so this
-  one holds one shard in memory (shards are bounded by --max_shard_size).
+* TorchBinWriter: a PyTorch pickle (`pytorch_model-*.bin`, LAVIS's `.pth`); torch.save needs the whole
+  dict, so this one holds one shard in memory (shards are bounded by --max_shard_size).
 
 Every writer hashes what it writes (sha256) and checks that tensors come in the planned order.
 OutputFiles gives each output a temporary name beside its final one and renames them all at the end;
-an error or Ctrl-C before that deletes the temporary files, so a final name never holds half a file.
+an error or Ctrl-C before that deletes the temporary files (and the folders made for them), so a final
+name never holds half a file.
 """
 import hashlib
 import json
@@ -141,18 +142,24 @@ class SafetensorsWriter(_Writer):
 
 
 class TorchBinWriter(_Writer):
+    """container: the key the state dict is saved under (LAVIS: `{'model': state_dict}`), None = the dict itself."""
+
     suffix = ".bin"
 
-    def __init__(self, path, entries):
+    def __init__(self, path, entries, container=None):
         super().__init__(path, entries)
         self._tensors = {}
+        self.container = container
 
     def _add(self, name, tensor):
-        self._tensors[name] = tensor.contiguous()
+        tensor = tensor.contiguous()
+        if tensor.storage_offset() or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.dtype.itemsize:
+            tensor = tensor.clone()  # a view (a block of a fused weight): torch.save would write its whole storage
+        self._tensors[name] = tensor
 
     def close(self):
         super().close()  # the planned-count check; closes the placeholder file
-        torch.save(self._tensors, self.path)
+        torch.save(self._tensors if self.container is None else {self.container: self._tensors}, self.path)
         self._tensors.clear()
         return {"bytes": os.path.getsize(self.path), "sha256": sha256_file(self.path), "tensors": self.count}
 
@@ -168,12 +175,19 @@ class OutputFiles:
     def __init__(self):
         self._pending = []  # (temporary path, final path)
         self._writers = []
+        self._created = []  # folders made for the outputs, removed again if nothing is committed
         self._committed = False
+
+    def _make_folder(self, folder):
+        if not os.path.isdir(folder):
+            self._make_folder(os.path.dirname(folder))
+            os.mkdir(folder)
+            self._created.append(folder)
 
     def temp_for(self, final):
         folder, base = os.path.split(os.path.abspath(final))
         stem, ext = os.path.splitext(base)
-        os.makedirs(folder, exist_ok=True)
+        self._make_folder(folder)
         if any(final_path == os.path.abspath(final) for _, final_path in self._pending):
             raise ConversionError(f"two outputs would be written to {final}")
         temp = os.path.join(folder, f".{stem}.partial{ext}")
@@ -207,4 +221,7 @@ class OutputFiles:
             for temp, _ in self._pending:
                 if os.path.exists(temp):
                     os.remove(temp)
+            for folder in reversed(self._created):
+                if not os.listdir(folder):
+                    os.rmdir(folder)
         return False
