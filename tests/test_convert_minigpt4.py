@@ -383,6 +383,10 @@ def broken(tmp_path, family, case):
         key = "Qformer.bert.encoder.layer.0.attention.self.extra.weight"
         path = edited(tmp_path, family, 1, lambda state: state.__setitem__(key, torch.zeros(2)))
         return blip2_family_args(family, qformer_path=path), ["unexpected keys", key, "--qformer_path"]
+    if case == "lora_in_projection":  # peft's names in a projection file trained with LoRA on the LLM
+        key = "llm_model.base_model.model.transformer.h.0.attn.c_attn.lora_A.default.weight"
+        path = edited(tmp_path, family, 2, lambda state: state.__setitem__(key, torch.zeros(2, 2)))
+        return blip2_family_args(family, proj_path=path), ["--proj_path", "LoRA weights", key, "merge_and_unload"]
     if case == "heads_not_given":
         args = blip2_family_args(family)
         return args[:args.index("--vit_num_heads")], ["--vit_num_heads"]
@@ -390,7 +394,7 @@ def broken(tmp_path, family, case):
 
 
 CASES = ["projection_width", "blip2_as_eva", "other_family_projection", "other_family_llm", "missing_key",
-         "unexpected_key", "heads_not_given"]
+         "unexpected_key", "lora_in_projection", "heads_not_given"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -109,11 +109,23 @@ def read_image_file(path, kind, family):
     return Source(tensors, [path], f"{kind.flag} {path}")
 
 
+def refuse_lora(proj, proj_path):
+    """A projection checkpoint trained with LoRA on the LLM (MiniGPT4Qwen's get_lora: peft lora_A / lora_B
+    weights beside llm_proj) is refused by name: merging it is not supported (no released file to test on)."""
+    lora = sorted(key for key in proj if ".lora_A" in key or ".lora_B" in key)
+    if lora:
+        raise ConversionError(
+            f"--proj_path {proj_path} holds LoRA weights of the LLM ({len(lora)} tensors, e.g. {lora[0]}): "
+            "converting them is not supported; merge them into the LLM folder first (peft's merge_and_unload, "
+            "then save_pretrained) and give a checkpoint with the projection only")
+
+
 def read_image_files(spec, eva_vit_path, qformer_path, proj_path):
     family = spec.family.name
+    proj = read_image_file(proj_path, lavis.PROJECTION_FILES[family], family)
+    refuse_lora(proj, proj_path)
     return {"eva_vit": read_image_file(eva_vit_path, lavis.EVA_FILE, family),
-            "qformer": read_image_file(qformer_path, lavis.BLIP2_FILE, family),
-            "proj": read_image_file(proj_path, lavis.PROJECTION_FILES[family], family)}
+            "qformer": read_image_file(qformer_path, lavis.BLIP2_FILE, family), "proj": proj}
 
 
 def read_llm_folder(spec, path):
