@@ -54,7 +54,7 @@ def test_example_inputs_in_pipeline_mode(tmp_path):
 
 
 BAD_CASES = ["missing_image", "corrupt_image", "prompt_too_long", "unknown_key", "bad_bool", "jsonl_not_json",
-             "jsonl_missing_image", "jsonl_unknown_field", "missing_checkpoint", "missing_lora"]
+             "jsonl_missing_image", "jsonl_unknown_field", "missing_checkpoint", "missing_lora", "bf16_compute_on_cpu"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -91,6 +91,8 @@ def test_bad_input_is_one_clear_line(tmp_path, case):
         (tmp_path / "ckpt.yaml").write_text(text.replace("    seq_length: 128", "    seq_length: 128" + keys),
                                             encoding="utf-8")
         args, expect = ["--config", str(tmp_path / "ckpt.yaml")], "model_config.vit_checkpoint"
+    elif case == "bf16_compute_on_cpu":
+        args, expect = ["--compute_dtype", "bfloat16"], "compute_dtype bfloat16 cannot run on the CPU"
     else:
         args, expect = ["--lora_checkpoint", str(tmp_path / "no_lora.ckpt")], "--lora_checkpoint: not found"
     result = run(tmp_path, *args)

@@ -146,6 +146,9 @@ def test_converted_fixture_reproduces_reference_logits_and_greedy_tokens(cli_out
     reference = load_json("visualglm", "reference.json")
     ms.set_context(mode=ms.GRAPH_MODE)
     model = load_from_yaml(out / YAML_NAME)[0]
+    # the YAML holds each tower's weights as converted: float16 storage, float32 compute
+    stored = {p.dtype for p in model.get_parameters() if len(p.shape) == 2}  # Linear and Embedding weights
+    assert stored == ({ms.float16} if fixture == "sat_fp16" else {ms.float32}), stored
     tokenizer = ChatGLMTokenizer.from_folder(str(hf_folder()))
     builder = VisualGLMPromptBuilder(tokenizer, model.num_image_tokens, placeholder="pad")
     for sample in reference["samples"]:

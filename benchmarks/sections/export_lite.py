@@ -98,7 +98,6 @@ def run(settings: Settings) -> Section:
     from visual_mllm.export.exporter import export_model
     from visual_mllm.export.runtime import ExportedModel
     from visual_mllm.generation.steps import DecodeStep, PrefillStep
-    from visual_mllm.llm.base import KVCache
 
     sizes = QUICK if settings.quick else FULL
     section = Section("export_lite")
@@ -119,7 +118,7 @@ def run(settings: Settings) -> Section:
         exported = ExportedModel(os.path.join(work, "x"))
 
         llm = model.llm
-        cache = KVCache(llm.num_layers, llm.cache_shape(1, sizes.seq_length))
+        cache = llm.new_cache(1, sizes.seq_length)
         prefill, decode = PrefillStep(llm, cache), DecodeStep(llm, cache)
         prompt = sizes.seq_length // 2
         embeds = np.random.default_rng(0).normal(size=(1, sizes.seq_length, sizes.llm_hidden)).astype(np.float32)

@@ -135,9 +135,8 @@ def run_mindspore(llm, layout, sizes, settings, bodies, full):
     from mindspore import Tensor
     from visual_mllm.generation.generator import NO_IMAGE
     from visual_mllm.generation.steps import DecodeStep, EmbedStep, PrefillStep
-    from visual_mllm.llm.base import KVCache
 
-    cache = KVCache(llm.num_layers, llm.cache_shape(1, sizes.cache_len))
+    cache = llm.new_cache(1, sizes.cache_len)
     embed = EmbedStep(llm)
     prefill = PrefillStep(llm, cache)
     decode = DecodeStep(llm, cache)
@@ -173,7 +172,7 @@ def run_mindspore(llm, layout, sizes, settings, bodies, full):
                                                 settings.warmup)
     if full:  # the same decode step with caches of other sizes (the engine's seq_length)
         for slots in sizes.other_caches:
-            other = DecodeStep(llm, KVCache(llm.num_layers, llm.cache_shape(1, slots)))
+            other = DecodeStep(llm, llm.new_cache(1, slots))
             results[("decode_slots", slots)] = time_call(decode_call(bodies[sizes.contexts[0]], other),
                                                          settings.reps, settings.warmup)
     return results, logits

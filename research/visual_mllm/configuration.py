@@ -15,6 +15,8 @@ import inspect
 
 from mindformers.models.configuration_utils import PretrainedConfig
 
+from .dtypes import AUTO, DTYPE_NAMES
+
 
 class UnknownConfigKeyError(ValueError):
     """A config was given a key it does not define."""
@@ -90,8 +92,14 @@ class StrictConfig(PretrainedConfig):
 
     @classmethod
     def own_keys(cls):
-        code = inspect.unwrap(cls.__init__).__code__
-        return [name for name in code.co_varnames[1:code.co_argcount + code.co_kwonlyargcount]]
+        """The fields of this class and of its StrictConfig bases."""
+        keys = []
+        for klass in cls.__mro__:
+            if issubclass(klass, StrictConfig) and klass is not StrictConfig and "__init__" in vars(klass):
+                code = inspect.unwrap(vars(klass)["__init__"]).__code__
+                keys += [name for name in code.co_varnames[1:code.co_argcount + code.co_kwonlyargcount]
+                         if name not in keys]
+        return keys
 
     @staticmethod
     def sub_config(value, config_cls):
@@ -101,3 +109,25 @@ class StrictConfig(PretrainedConfig):
         if value is None:
             return config_cls()
         return config_cls(**dict(value))
+
+
+
+class TowerConfig(StrictConfig):
+    """A tower's config (ViT, Q-Former, LLM): its sizes (the subclass's fields) and its precision.
+
+    param_dtype: the dtype its Linear and Embedding weights are held in (float32 | float16 | bfloat16);
+        the converter writes the dtype it wrote, `run_infer.py --dtype` overrides it. Half precision
+        halves the weights' memory; norms, softmax, rotary and the logits stay float32 whatever it is.
+    compute_dtype: the dtype of its matmuls and activations (float32 | float16 | bfloat16 | auto =
+        float16 on Ascend, float32 elsewhere). MindSpore's CPU has no bfloat16 matmul and only a slow
+        float16 one: there, half precision is a storage format (param_dtype) and compute stays float32.
+    """
+
+    def __init__(self, param_dtype="float32", compute_dtype="float32", **kwargs):
+        for key, value, allowed in (("param_dtype", param_dtype, DTYPE_NAMES),
+                                    ("compute_dtype", compute_dtype, DTYPE_NAMES + (AUTO,))):
+            if value not in allowed:
+                raise ValueError(f"{type(self).__name__}: {key} {value!r} is not one of {', '.join(allowed)}")
+        self.param_dtype = param_dtype
+        self.compute_dtype = compute_dtype
+        super().__init__(**kwargs)

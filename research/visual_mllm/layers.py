@@ -3,8 +3,14 @@
 Everything here runs on CPU, GPU and Ascend alike: only primitives with kernels on all three are
 used, and numerically sensitive parts (LayerNorm, attention scores, softmax) run in float32
 whatever the weight dtype.
+
+Precision: a tower's Linear and Embedding weights are stored in its `param_dtype` and used in its
+`compute_dtype` (`Precision`); with float16/bfloat16 storage and float32 compute (the CPU setting) the
+weights take half the memory and are widened inside the graph where they are used, so the numbers
+are those of float32 compute on the stored values. Norm weights stay float32.
 """
 import math
+from dataclasses import dataclass
 
 import mindspore as ms
 from mindspore import Parameter, nn, ops
@@ -15,15 +21,63 @@ MASK_FILL = -10000.0  # the reference code's additive mask value (not -inf: full
 QUERY_KEY = ops.BatchMatMul(transpose_b=True)
 
 
-def dense(in_features, out_features, has_bias=True):
-    """A Linear layer whose weight is (out_features, in_features), as in PyTorch checkpoints.
+DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 
+
+class PrecisionError(ValueError):
+    """A tower's compute dtype has no kernel on this device."""
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Where a tower's weights live (`param`) and in which dtype its matmuls run (`compute`)."""
+
+    param: object = ms.float32
+    compute: object = ms.float32
+
+    @classmethod
+    def of(cls, config):
+        """The Precision of a TowerConfig on the device MindSpore runs on (`auto` resolved)."""
+        device = ms.get_context("device_target")
+        compute = config.compute_dtype
+        if compute == "auto":
+            compute = "float16" if device == "Ascend" else "float32"
+        if compute == "bfloat16" and device == "CPU":
+            raise PrecisionError(
+                f"{type(config).__name__}: compute_dtype bfloat16 cannot run on the CPU (MindSpore has no "
+                "bfloat16 matmul kernel there): use compute_dtype float32 (or auto) and keep param_dtype "
+                "bfloat16 to hold the weights in half the memory")
+        return cls(DTYPES[config.param_dtype], DTYPES[compute])
+
+
+FP32 = Precision()
+
+
+class Linear(nn.Dense):
+    """A Linear layer whose weight is (out_features, in_features), as in PyTorch checkpoints, stored in
+    `precision.param` and multiplied in `precision.compute`; the output is in the compute dtype.
+
+    An nn.Dense, so that LoRA (mindpet's LoRADense) can take its place in finetuning.
     Random weights are N(0, 1/in_features): activations keep unit scale, so a randomly initialised
     model (the built-in demo, tests) still depends on its input. Real weights always come from a
     checkpoint.
     """
-    return nn.Dense(in_features, out_features, has_bias=has_bias,
-                    weight_init=Normal(1.0 / math.sqrt(in_features)), bias_init="zeros")
+
+    def __init__(self, in_features, out_features, has_bias=True, precision=FP32):
+        super().__init__(in_features, out_features, weight_init=Normal(1.0 / math.sqrt(in_features)),
+                         bias_init="zeros", has_bias=has_bias, dtype=precision.param)
+        self.precision = precision
+        self.compute = precision.compute
+        self.widen = precision.param != precision.compute  # a constant: the graph casts only when needed
+
+    def construct(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1]).astype(self.compute)  # [N, in]
+        weight = self.weight.astype(self.compute) if self.widen else self.weight  # [out, in]
+        y = self.matmul(x, weight)  # [N, out]
+        if self.has_bias:
+            y = self.bias_add(y, self.bias.astype(self.compute) if self.widen else self.bias)
+        return y.reshape(shape[:-1] + (y.shape[-1],))  # [..., out]
 
 
 class LayerNorm(nn.Cell):
@@ -40,25 +94,36 @@ class LayerNorm(nn.Cell):
         return out.astype(x.dtype)
 
 
-class Embedding(nn.Cell):
-    """Token embedding table `weight` [vocab, hidden], as named in PyTorch checkpoints."""
+def table_dtype(precision):
+    """The dtype an embedding table is stored in: the tower's, except bfloat16 on CPU, where MindSpore's
+    Gather has no bfloat16 kernel (float32 then: exact, and the table is a small part of the model)."""
+    if precision.param == ms.bfloat16 and ms.get_context("device_target") == "CPU":
+        return ms.float32
+    return precision.param
 
-    def __init__(self, vocab_size, hidden_size, std=1.0):
+
+class Embedding(nn.Cell):
+    """Token embedding table `weight` [vocab, hidden], as named in PyTorch checkpoints; rows come out in
+    the compute dtype."""
+
+    def __init__(self, vocab_size, hidden_size, std=1.0, precision=FP32):
         super().__init__()
-        self.weight = Parameter(initializer(Normal(std), (vocab_size, hidden_size), ms.float32), name="weight")
+        self.compute = precision.compute
+        self.weight = Parameter(initializer(Normal(std), (vocab_size, hidden_size), table_dtype(precision)),
+                                name="weight")
 
     def construct(self, input_ids):
-        return ops.gather(self.weight, input_ids, 0)  # [B,S,H]
+        return ops.gather(self.weight, input_ids, 0).astype(self.compute)  # [B,S,H]
 
 
 class MLP(nn.Cell):
     """fc1 -> GELU -> fc2; `approximate` is "none" (erf, ViT/Q-Former) or "tanh" (GLM)."""
 
-    def __init__(self, hidden_size, inner_size, approximate="none"):
+    def __init__(self, hidden_size, inner_size, approximate="none", precision=FP32):
         super().__init__()
         self.approximate = approximate
-        self.fc1 = dense(hidden_size, inner_size)
-        self.fc2 = dense(inner_size, hidden_size)
+        self.fc1 = Linear(hidden_size, inner_size, precision=precision)
+        self.fc2 = Linear(inner_size, hidden_size, precision=precision)
 
     def construct(self, x):
         h = ops.gelu(self.fc1(x), approximate=self.approximate)  # [B, S, inner]
@@ -83,11 +148,11 @@ class SwiGLU(nn.Cell):
     """down(silu(gate(x)) * up(x)) without biases (LLaMA, Qwen). gate and up are one fused Linear
     `gate_up` (2*inner x hidden, rows [gate; up]): one matmul instead of two."""
 
-    def __init__(self, hidden_size, inner_size):
+    def __init__(self, hidden_size, inner_size, precision=FP32):
         super().__init__()
         self.inner_size = inner_size
-        self.gate_up = dense(hidden_size, 2 * inner_size, has_bias=False)
-        self.down = dense(inner_size, hidden_size, has_bias=False)
+        self.gate_up = Linear(hidden_size, 2 * inner_size, has_bias=False, precision=precision)
+        self.down = Linear(inner_size, hidden_size, has_bias=False, precision=precision)
 
     def construct(self, x):
         gate, up = ops.split(self.gate_up(x), self.inner_size, axis=-1)  # [B,S,inner] each

@@ -15,6 +15,7 @@ import contextlib
 import os
 import sys
 
+from ..dtypes import AUTO, DTYPE_NAMES
 from ..paths import DEFAULT_CONFIG, REPO_ROOT
 from .common import add_device_args, fail_cleanly, load_yaml_model, set_device, str2bool
 
@@ -47,6 +48,12 @@ def build_parser():
     p.add_argument("--batch_size", type=int, default=1, help="requests generated together")
     p.add_argument("--use_past", type=str2bool, default=None, help="KV cache (default: the YAML's use_past)")
     p.add_argument("--seq_length", type=int, default=None, help="context length (default: the YAML's)")
+    p.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
+                   help="hold every tower's Linear and Embedding weights in this dtype (default: the YAML's "
+                        "param_dtype, i.e. as converted); float16/bfloat16 halve the memory")
+    p.add_argument("--compute_dtype", default=None, choices=DTYPE_NAMES + (AUTO,),
+                   help="the towers' matmul dtype (default: the YAML's compute_dtype; auto = float16 on Ascend, "
+                        "float32 elsewhere; the CPU has no bfloat16 matmul)")
     p.add_argument("--lora_checkpoint", default=None,
                    help="LoRA weights (run_finetune.py) to load on top of the model; the demo config uses the "
                         "packaged demo LoRA unless this is 'none'")
@@ -139,6 +146,9 @@ def load_model(args):
         exported.check_request(args.batch_size, args.seq_length, args.use_past)
         return exported, exported.load_processor()
     overrides = {k: v for k, v in (("use_past", args.use_past), ("seq_length", args.seq_length)) if v is not None}
+    from ..registry import precision_overrides
+
+    overrides.update(precision_overrides(args.dtype, args.compute_dtype))
     return load_yaml_model(args.config, args.lora_checkpoint, **overrides)
 
 

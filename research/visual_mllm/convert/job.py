@@ -26,7 +26,7 @@ from ..models.base import ProjectionMismatchError
 from ..models.pretrained import config_to_yaml_dict
 from ..models.weights import SPLIT_PARTS
 from ..registry import load_processor_from_yaml, processor_class, read_run_config
-from .engine import DTYPES, BackgroundHashes, execute, planned_outputs, tool_versions
+from .engine import DTYPES, BackgroundHashes, execute, output_dtype, planned_outputs, tool_versions
 from .keymap import Plan, Rule, Step
 from .readers import ConversionError, Source, read_mindspore_ckpt, read_safetensors
 from .writers import CkptWriter, OutputFiles, SafetensorsWriter, TorchBinWriter
@@ -155,6 +155,22 @@ def output_files(output_dir, file_format, names, overrides, parts):
 
 def run_yaml_name(family):
     return f"run_{family.name}.yaml"
+
+
+def tower_configs(config):
+    """{split part: the TowerConfig of the tower it holds} of a composite model config."""
+    image = config.image_encoder_config
+    return {"vit": image.vit_config, "qformer": image.qformer_config, "llm": config.llm_config}
+
+
+def set_param_dtypes(config, the_plan, dtype):
+    """Set each tower's param_dtype to the dtype its matrices are written in (float32 if they differ), so
+    the run YAML holds the weights as converted: a float16 release stays float16 in memory."""
+    requested = DTYPES[dtype]
+    for part, tower in tower_configs(config).items():
+        written = {output_dtype(meta.dtype, requested) for name, meta in the_plan.targets.items()
+                   if name.startswith(SPLIT_PARTS[part]) and meta.dim() >= 2 and meta.dtype.is_floating_point}
+        tower.param_dtype = str(written.pop()).replace("torch.", "") if len(written) == 1 else "float32"
 
 
 def run_yaml(family, config, checkpoints, tokenizer):

@@ -39,7 +39,7 @@ from . import lavis
 from .engine import DTYPES, planned_outputs
 from .job import (MANIFEST, Timer, check_projection, combine_plans, model_parameters, output_files, part_files,
                   planned_parts, processor_error, read_mindspore_checkpoints, read_model_yaml, run_yaml, run_yaml_name,
-                  source_bytes, tokenizer_files, write_hf_shards, write_mindspore, write_plan)
+                  set_param_dtypes, source_bytes, tokenizer_files, write_hf_shards, write_mindspore, write_plan)
 from .keymap import Plan, plan
 from .readers import ConversionError, Source, names, read_json
 from .hf_folder import BIN, CONFIG_FILE, KEPT_FILES, SAFETENSORS, read_source as read_hf_weights
@@ -216,6 +216,7 @@ def to_mindspore(model_type, eva_vit_path, qformer_path, proj_path, llm_path, ou
 
     files = output_files(output_dir, file_format, part_files(family.model_class), {},
                          planned_parts(the_plan, embedding))
+    set_param_dtypes(config, the_plan, dtype)
     data = run_yaml(family, config, files, {"vocab_file": llm.vocab_file})
     err = processor_error(data)
     if err is not None:

@@ -20,8 +20,8 @@ from . import visualglm_hf, visualglm_sat
 from .hf_folder import BIN, CONFIG_FILE, SAFETENSORS
 from .engine import DTYPES
 from .job import (MANIFEST, Timer, check_projection, model_parameters, output_files, part_files, planned_parts,
-                  processor_error, read_mindspore_checkpoints, read_model_yaml, run_yaml, run_yaml_name, source_bytes,
-                  tokenizer_files as files_of_tokenizer, write_hf_shards, write_mindspore)
+                  processor_error, read_mindspore_checkpoints, read_model_yaml, run_yaml, run_yaml_name, set_param_dtypes,
+                  source_bytes, tokenizer_files as files_of_tokenizer, write_hf_shards, write_mindspore)
 from .keymap import plan
 from .readers import ConversionError, read_json
 from .writers import OutputFiles
@@ -157,6 +157,7 @@ def to_mindspore(torch_path, output_dir, dtype="auto", file_format="ckpt", token
 
     files = output_files(output_dir, file_format, part_files(VisualGLMForConditionalGeneration), part_paths or {},
                          planned_parts(the_plan, embedding))
+    set_param_dtypes(config, the_plan, dtype)
     data = run_yaml(FAMILY, config, files, {"vocab_file": tokenizer.vocab_file,
                                             "num_image_tokens": tokenizer.num_image_tokens})
     check_run_yaml(data, tokenizer)

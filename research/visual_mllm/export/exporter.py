@@ -31,7 +31,6 @@ from mindspore import Tensor
 
 from .. import __version__
 from ..generation.steps import DecodeStep, EmbedStep, PrefillStep
-from ..llm.base import KVCache
 from ..models.pretrained import CHECKPOINT_KEYS, config_to_yaml_dict
 
 MANIFEST = "manifest.json"
@@ -115,7 +114,7 @@ def export_model(model, processor_section, tokenizer, output_dir, batch_size, se
     if batch_size < 1 or seq_length < 2:
         raise ValueError(f"batch_size must be >= 1 and seq_length >= 2, got {batch_size} and {seq_length}")
     llm = model.llm
-    cache = KVCache(llm.num_layers, llm.cache_shape(batch_size, seq_length)) if use_past else None
+    cache = llm.new_cache(batch_size, seq_length) if use_past else None
     cells = {"full": PrefillStep(llm, cache), "image_encoder": model.image_encoder, "embedding": EmbedStep(llm)}
     if use_past:
         cells["inc"] = DecodeStep(llm, cache)

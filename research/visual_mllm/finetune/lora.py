@@ -38,6 +38,7 @@ import mindspore as ms
 from mindspore import Tensor, nn
 
 from ..atomic import write_atomic
+from ..layers import Linear
 from ..lora_layout import LORA_PARAMS, META_FORMAT, META_KEY, layout_meta
 from ..models.weights import save_split_checkpoints, shape_mismatches
 
@@ -201,6 +202,7 @@ def inject_lora(model, targets, rank, alpha, dropout=0.0, compute_dtype="float32
         new.weight = old.weight
         if old.has_bias:
             new.bias = old.bias
+        new.precision = old.precision  # what the merged layer goes back to
         _set_child(model, name, new)
         added += [new.mindpet_delta_lora_a, new.mindpet_delta_lora_b]
     _forget_compiled(model)
@@ -382,8 +384,7 @@ def merge_lora(model):
         a = cell.mindpet_delta_lora_a.asnumpy().astype(np.float64)
         b = cell.mindpet_delta_lora_b.asnumpy().astype(np.float64)
         folded = weight + (float(cell.lora_alpha) / float(cell.lora_rank)) * (b @ a)
-        plain = nn.Dense(cell.in_channels, cell.out_channels, has_bias=cell.has_bias, weight_init="zeros",
-                         bias_init="zeros")
+        plain = Linear(cell.in_channels, cell.out_channels, has_bias=cell.has_bias, precision=cell.precision)
         cell.weight.set_data(Tensor(folded.astype(ms.dtype_to_nptype(cell.weight.dtype))))
         plain.weight = cell.weight
         if cell.has_bias:

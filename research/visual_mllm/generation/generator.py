@@ -20,7 +20,6 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
-from ..llm.base import KVCache
 from .sampling import GenerationConfig, TokenChooser
 from .steps import DecodeStep, EmbedStep, PrefillStep
 
@@ -65,7 +64,7 @@ class EagerEngine:
     def start(self, batch):
         if batch not in self._steps:
             if self.use_past:
-                cache = KVCache(self.llm.num_layers, self.llm.cache_shape(batch, self.seq_length))
+                cache = self.llm.new_cache(batch, self.seq_length)
                 self._steps[batch] = (PrefillStep(self.llm, cache), DecodeStep(self.llm, cache))
             else:
                 self._steps[batch] = (PrefillStep(self.llm), None)

@@ -28,10 +28,11 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
-from ..configuration import StrictConfig
+from ..configuration import TowerConfig
+from ..layers import Precision
 
 
-class LLMConfig(StrictConfig):
+class LLMConfig(TowerConfig):
     """What shared code (generation, export, finetune, the processor) reads of every decoder's config:
     vocab_size, hidden_size, num_layers, num_heads, head_dim, intermediate_size (the MLP width),
     norm_eps, max_position_embeddings (the longest prompt + answer the model was trained for) and the
@@ -149,6 +150,7 @@ class Decoder(nn.Cell):
         self.config = config
         self.num_layers = config.num_layers
         self.positions = type(self).position_scheme(config)
+        self.precision = Precision.of(config)  # the KV cache is kept in its compute dtype
 
     @classmethod
     def position_scheme(cls, config):
@@ -172,6 +174,10 @@ class Decoder(nn.Cell):
             else:
                 x = self.layers[i](x, cos, sin, mask, caches[0][i], caches[1][i], valid_length, decode)
         return self.final_norm(x)
+
+    def new_cache(self, batch, seq_length):
+        """An empty KVCache for `batch` rows of up to `seq_length` tokens, in the compute dtype."""
+        return KVCache(self.num_layers, self.cache_shape(batch, seq_length), self.precision.compute)
 
     def logits(self, hidden):
         return self.lm_head(hidden).astype(ms.float32)  # [B,S,V]

@@ -13,7 +13,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-from ..layers import MLP, Embedding, LayerNorm, attention, dense, merge_heads, split_heads
+from ..layers import MLP, Embedding, LayerNorm, Linear, attention, merge_heads, split_heads
 from .base import Decoder, LLMConfig, PositionScheme, attend_cache, rotate_half
 
 
@@ -134,12 +134,12 @@ def apply_2d_rotary(x, cos, sin):
 
 
 class GLMAttention(nn.Cell):
-    def __init__(self, config):
+    def __init__(self, config, precision):
         super().__init__()
         self.num_heads = config.num_heads
         self.hidden_size = config.hidden_size
-        self.query_key_value = dense(config.hidden_size, 3 * config.hidden_size)
-        self.dense = dense(config.hidden_size, config.hidden_size)
+        self.query_key_value = Linear(config.hidden_size, 3 * config.hidden_size, precision=precision)
+        self.dense = Linear(config.hidden_size, config.hidden_size, precision=precision)
 
     def construct(self, x, cos, sin, mask, cache_k, cache_v, valid_length, decode):
         qkv = self.query_key_value(x)  # [B,S,3H], rows [Q;K;V]
@@ -153,13 +153,13 @@ class GLMAttention(nn.Cell):
 
 
 class GLMBlock(nn.Cell):
-    def __init__(self, config):
+    def __init__(self, config, precision):
         super().__init__()
         self.alpha = math.sqrt(2.0 * config.num_layers)
         self.input_layernorm = LayerNorm(config.hidden_size, config.norm_eps)
-        self.attention = GLMAttention(config)
+        self.attention = GLMAttention(config, precision)
         self.post_attention_layernorm = LayerNorm(config.hidden_size, config.norm_eps)
-        self.mlp = MLP(config.hidden_size, config.intermediate_size, approximate="tanh")
+        self.mlp = MLP(config.hidden_size, config.intermediate_size, approximate="tanh", precision=precision)
 
     def construct(self, x, cos, sin, mask, cache_k, cache_v, valid_length, decode):
         h = self.input_layernorm(x)
@@ -173,11 +173,12 @@ class GLMModel(Decoder):
 
     def __init__(self, config):
         super().__init__(config)
-        self.word_embeddings = Embedding(config.vocab_size, config.hidden_size)
+        precision = self.precision
+        self.word_embeddings = Embedding(config.vocab_size, config.hidden_size, precision=precision)
         self.rotary = GLMRotary(config.head_dim, config.rotary_base)
-        self.layers = nn.CellList([GLMBlock(config) for _ in range(config.num_layers)])
+        self.layers = nn.CellList([GLMBlock(config, precision) for _ in range(config.num_layers)])
         self.final_layernorm = LayerNorm(config.hidden_size, config.norm_eps)
-        self.lm_head = dense(config.hidden_size, config.vocab_size, has_bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, has_bias=False, precision=precision)
 
     @classmethod
     def position_scheme(cls, config):

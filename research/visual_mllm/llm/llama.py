@@ -16,7 +16,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-from ..layers import Embedding, RMSNorm, SwiGLU, attention, dense, merge_heads, split_heads
+from ..layers import Embedding, Linear, RMSNorm, SwiGLU, attention, merge_heads, split_heads
 from .base import Decoder, LLMConfig, PositionScheme, attend_cache, rotate_half
 
 
@@ -95,15 +95,15 @@ def apply_rotary(x, cos, sin):
 
 
 class LlamaAttention(nn.Cell):
-    def __init__(self, config):
+    def __init__(self, config, precision):
         super().__init__()
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.repeats = config.num_heads // config.num_kv_heads
         head_dim = config.head_dim
         self.sizes = (config.num_heads * head_dim, config.num_kv_heads * head_dim, config.num_kv_heads * head_dim)
-        self.qkv = dense(config.hidden_size, sum(self.sizes), has_bias=config.qkv_bias)
-        self.o_proj = dense(config.num_heads * head_dim, config.hidden_size, has_bias=False)
+        self.qkv = Linear(config.hidden_size, sum(self.sizes), has_bias=config.qkv_bias, precision=precision)
+        self.o_proj = Linear(config.num_heads * head_dim, config.hidden_size, has_bias=False, precision=precision)
 
     def construct(self, x, cos, sin, mask, cache_k, cache_v, valid_length, decode):
         q, k, v = ops.split(self.qkv(x), self.sizes, axis=-1)  # [B,S,h*d], [B,S,kv*d] x 2
@@ -118,12 +118,12 @@ class LlamaAttention(nn.Cell):
 
 
 class LlamaBlock(nn.Cell):
-    def __init__(self, config):
+    def __init__(self, config, precision):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.self_attn = LlamaAttention(config)
+        self.self_attn = LlamaAttention(config, precision)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, precision)
 
     def construct(self, x, cos, sin, mask, cache_k, cache_v, valid_length, decode):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_k, cache_v, valid_length, decode)
@@ -135,11 +135,12 @@ class LlamaModel(Decoder):
 
     def __init__(self, config):
         super().__init__(config)
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        precision = self.precision
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, precision=precision)
         self.rotary = Rotary(config.head_dim, config.rope_theta)
-        self.layers = nn.CellList([LlamaBlock(config) for _ in range(config.num_layers)])
+        self.layers = nn.CellList([LlamaBlock(config, precision) for _ in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.lm_head = dense(config.hidden_size, config.vocab_size, has_bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, has_bias=False, precision=precision)
 
     @classmethod
     def position_scheme(cls, config):

@@ -9,11 +9,11 @@ import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
-from ..configuration import StrictConfig
-from ..layers import MLP, LayerNorm, attention, dense, merge_heads, split_heads
+from ..configuration import TowerConfig
+from ..layers import MLP, LayerNorm, Linear, Precision, attention, merge_heads, split_heads
 
 
-class EvaViTConfig(StrictConfig):
+class EvaViTConfig(TowerConfig):
     """Sizes of the EVA ViT; the defaults are the released ViT-g/14 as the three chat models use it.
 
     image_size: side of the square input in pixels (224); with patch_size it fixes the token count,
@@ -27,6 +27,8 @@ class EvaViTConfig(StrictConfig):
     intermediate_size: the MLP width, 6144 (EVA's mlp_ratio 4.3637, not the usual 4x), so it cannot be
         derived.
     norm_eps: 1e-6 inside the blocks (EVA's own value; ln_vision uses torch's default 1e-5).
+    param_dtype / compute_dtype: see TowerConfig (the patch embedding, CLS and position tables stay
+        float32: they are small).
     """
 
     model_type = "visual_mllm_eva_vit"
@@ -55,11 +57,11 @@ class EvaAttention(nn.Cell):
     EVA has no key bias; the fused bias simply holds zeros in its K third (checkpoints store it so).
     """
 
-    def __init__(self, hidden_size, num_heads):
+    def __init__(self, hidden_size, num_heads, precision):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = dense(hidden_size, 3 * hidden_size)
-        self.proj = dense(hidden_size, hidden_size)
+        self.qkv = Linear(hidden_size, 3 * hidden_size, precision=precision)
+        self.proj = Linear(hidden_size, hidden_size, precision=precision)
 
     def construct(self, x):
         q, k, v = ops.chunk(self.qkv(x), 3, axis=-1)  # 3 x [B, S, D]
@@ -97,12 +99,12 @@ class PatchEmbed(nn.Cell):
 class EvaBlock(nn.Cell):
     """Pre-LN transformer block without layer scale."""
 
-    def __init__(self, config):
+    def __init__(self, config, precision):
         super().__init__()
         self.norm1 = LayerNorm(config.hidden_size, config.norm_eps)
-        self.attn = EvaAttention(config.hidden_size, config.num_heads)
+        self.attn = EvaAttention(config.hidden_size, config.num_heads, precision)
         self.norm2 = LayerNorm(config.hidden_size, config.norm_eps)
-        self.mlp = MLP(config.hidden_size, config.intermediate_size, approximate="none")
+        self.mlp = MLP(config.hidden_size, config.intermediate_size, approximate="none", precision=precision)
 
     def construct(self, x):
         x = x + self.attn(self.norm1(x))  # [B, S, D]
@@ -115,19 +117,21 @@ class EvaViT(nn.Cell):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        precision = Precision.of(config)
+        self.compute = precision.compute
         d = config.hidden_size
         self.cls_token = Parameter(initializer(Normal(0.02), (1, 1, d), ms.float32), name="cls_token")
         self.pos_embed = Parameter(initializer(Normal(0.02), (1, config.num_patches + 1, d), ms.float32),
                                    name="pos_embed")
         self.patch_embed = PatchEmbed(config.in_channels, d, config.patch_size)
-        self.blocks = nn.CellList([EvaBlock(config) for _ in range(config.num_layers)])
+        self.blocks = nn.CellList([EvaBlock(config, precision) for _ in range(config.num_layers)])
 
     def construct(self, pixel_values):
         # cast here, not inside PatchEmbed: under amp the cell's own entry casts its inputs and weights
         x = self.patch_embed(pixel_values.astype(self.patch_embed.weight.dtype))  # [B, N, D], patches row-major
         b, d = x.shape[0], x.shape[2]
         cls = ops.broadcast_to(self.cls_token.astype(x.dtype), (b, 1, d))  # [B, 1, D]
-        x = ops.cat((cls, x), axis=1) + self.pos_embed.astype(x.dtype)  # [B, N+1, D]
+        x = (ops.cat((cls, x), axis=1) + self.pos_embed.astype(x.dtype)).astype(self.compute)  # [B, N+1, D]
         for block in self.blocks:
             x = block(x)  # [B, N+1, D]
         return x

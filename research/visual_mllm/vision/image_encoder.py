@@ -6,7 +6,7 @@ under one name; only its output width (the LLM hidden size) differs between fami
 from mindspore import nn
 
 from ..configuration import StrictConfig
-from ..layers import LayerNorm, dense
+from ..layers import LayerNorm, Linear, Precision
 from .eva_vit import EvaViT, EvaViTConfig
 from .qformer import QFormer, QFormerConfig
 
@@ -48,7 +48,8 @@ class ImageEncoder(nn.Cell):
         self.vit = EvaViT(config.vit_config)
         self.ln_vision = LayerNorm(config.vit_config.hidden_size, config.ln_vision_eps)
         self.qformer = QFormer(config.qformer_config)
-        self.projection = dense(config.qformer_config.hidden_size, config.projection_size)
+        self.projection = Linear(config.qformer_config.hidden_size, config.projection_size,
+                                 precision=Precision.of(config.qformer_config))
 
     def encode_with_intermediates(self, pixel_values):
         """(vit_out after ln_vision [B, N+1, Dv], qformer_out [B, Q, Dq], image_embeds [B, Q, P])."""

@@ -9,11 +9,11 @@ import mindspore as ms
 from mindspore import Parameter, nn
 from mindspore.common.initializer import Normal, initializer
 
-from ..configuration import StrictConfig
-from ..layers import MLP, LayerNorm, attention, dense, merge_heads, split_heads
+from ..configuration import TowerConfig
+from ..layers import MLP, LayerNorm, Linear, Precision, attention, merge_heads, split_heads
 
 
-class QFormerConfig(StrictConfig):
+class QFormerConfig(TowerConfig):
     """Sizes of the Q-Former; the defaults are BLIP-2's (bert-base with 32 queries).
 
     num_query_tokens: number of learned queries = number of image tokens handed to the LLM (32);
@@ -24,6 +24,7 @@ class QFormerConfig(StrictConfig):
     encoder_hidden_size: width of the image features the cross-attention keys/values read, i.e. the
         ViT width (1408), which differs from the Q-Former width.
     norm_eps: BERT's 1e-12 (every Q-Former LayerNorm, including the one on the query tokens).
+    param_dtype / compute_dtype: see TowerConfig; the projection to the LLM follows them too.
     """
 
     model_type = "visual_mllm_qformer"
@@ -54,13 +55,13 @@ class QFormerAttention(nn.Cell):
     No mask: queries see each other and every image token (CLS included).
     """
 
-    def __init__(self, hidden_size, num_heads, kv_size):
+    def __init__(self, hidden_size, num_heads, kv_size, precision):
         super().__init__()
         self.num_heads = num_heads
-        self.query = dense(hidden_size, hidden_size)
-        self.key = dense(kv_size, hidden_size)
-        self.value = dense(kv_size, hidden_size)
-        self.dense = dense(hidden_size, hidden_size)
+        self.query = Linear(hidden_size, hidden_size, precision=precision)
+        self.key = Linear(kv_size, hidden_size, precision=precision)
+        self.value = Linear(kv_size, hidden_size, precision=precision)
+        self.dense = Linear(hidden_size, hidden_size, precision=precision)
 
     def construct(self, x, context):
         q = split_heads(self.query(x), self.num_heads)  # [B, h, Q, d]
@@ -72,16 +73,16 @@ class QFormerAttention(nn.Cell):
 class QFormerLayer(nn.Cell):
     """h = LN(x + SelfAttn(x)); on cross layers h = LN(h + CrossAttn(h, image)); out = LN(h + FFN(h))."""
 
-    def __init__(self, config, has_cross_attention):
+    def __init__(self, config, has_cross_attention, precision):
         super().__init__()
         d, eps = config.hidden_size, config.norm_eps
         self.has_cross_attention = has_cross_attention
-        self.self_attn = QFormerAttention(d, config.num_heads, d)
+        self.self_attn = QFormerAttention(d, config.num_heads, d, precision)
         self.self_attn_norm = LayerNorm(d, eps)
         if has_cross_attention:
-            self.cross_attn = QFormerAttention(d, config.num_heads, config.encoder_hidden_size)
+            self.cross_attn = QFormerAttention(d, config.num_heads, config.encoder_hidden_size, precision)
             self.cross_attn_norm = LayerNorm(d, eps)
-        self.mlp = MLP(d, config.intermediate_size, approximate="none")
+        self.mlp = MLP(d, config.intermediate_size, approximate="none", precision=precision)
         self.mlp_norm = LayerNorm(d, eps)
 
     def construct(self, x, image_feats):
@@ -97,16 +98,18 @@ class QFormer(nn.Cell):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        precision = Precision.of(config)
+        self.compute = precision.compute
         self.query_tokens = Parameter(
             initializer(Normal(0.02), (1, config.num_query_tokens, config.hidden_size), ms.float32),
             name="query_tokens")
         self.layernorm = LayerNorm(config.hidden_size, config.norm_eps)
-        self.layers = nn.CellList([QFormerLayer(config, config.has_cross_attention(i))
+        self.layers = nn.CellList([QFormerLayer(config, config.has_cross_attention(i), precision)
                                    for i in range(config.num_layers)])
 
     def construct(self, image_feats):
         b = image_feats.shape[0]
-        queries = self.query_tokens.astype(image_feats.dtype)  # [1, Q, D]
+        queries = self.query_tokens.astype(self.compute)  # [1, Q, D]
         x = self.layernorm(queries.broadcast_to((b, -1, -1)))  # [B, Q, D]
         for layer in self.layers:
             x = layer(x, image_feats)  # [B, Q, D]

@@ -1,0 +1,4 @@
+"""The dtype names tower configs and CLI flags take (a leaf module: no imports, cheap for --help)."""
+
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+AUTO = "auto"  # compute_dtype: float16 on Ascend (as the references run there), float32 elsewhere
