@@ -94,31 +94,116 @@ def step_margins(step_logits):
     return top[:, -1] - top[:, -2]
 
 
-def test_fp16_compute_gives_the_reference_tokens_where_margins_allow(fp16_compute_model):
+def tokens_where_margins_allow(model, arrays, expected_ids, label, bound=None):
+    """Greedy tokens of every fixture sample against `expected_ids(sample)`, step by step while the reference
+    margin (from arrays' step logits) exceeds twice the prompt-logit error measured here; prints what was
+    checked and returns how many steps were. bound(logits): the largest error allowed, if any."""
     from visual_mllm.processing.visualglm_prompt import VisualGLMPromptBuilder
     from visual_mllm.tokenizers.chatglm import ChatGLMTokenizer
 
-    model = fp16_compute_model
     reference = load_json("visualglm", "reference.json")
-    arrays = np.load(fixture_path("visualglm", "reference_fp16_weights.npz"))
     tokenizer = ChatGLMTokenizer.from_folder(str(fixture_path("visualglm", "hf", "visualglm-tiny")))
     builder = VisualGLMPromptBuilder(tokenizer, model.num_image_tokens, placeholder="pad")
     checked = 0
     for sample in reference["samples"]:
         prefix = npz_prefix(sample, arrays)
         row, pixels = prepare(sample, builder, model)
-        error = float(np.abs(full_logits(model, row, pixels) - arrays[f"{prefix}_logits"]).max())
-        expected = sample["fp16_weights"]["generated_ids"]
+        expected_logits = arrays[f"{prefix}_logits"]
+        error = float(np.abs(full_logits(model, row, pixels) - expected_logits).max())
+        if bound is not None:
+            assert error < bound(expected_logits), (sample["name"], error)
         got = model.generate_ids([row], greedy(reference, model), pixels)[0]
-        margins = step_margins(arrays[f"{prefix}_step_logits"])
         steps = []
-        for step, (want, margin) in enumerate(zip(expected, margins)):
-            if margin <= 2 * error:  # an fp16 rounding may flip this step: nothing after it is comparable
+        for step, (want, margin) in enumerate(zip(expected_ids(sample), step_margins(arrays[f"{prefix}_step_logits"]))):
+            if margin <= 2 * error:  # a rounding may flip this step: nothing after it is comparable
                 break
-            assert got[step] == want, (f"{sample['name']} step {step}: {got[step]} != {want} although the "
-                                       f"margin {margin:.3g} > 2 x the measured logit error {error:.3g}")
+            assert got[step] == want, (f"{sample['name']} step {step}: {got[step]} != {want} although the margin "
+                                       f"{margin:.3g} > 2 x the measured {label} logit error {error:.3g}")
             steps.append(step)
         checked += len(steps)
-        print(f"{sample['name']}: fp16 compute logit error {error:.2e}; checked steps {steps}")
+        print(f"{sample['name']}: {label} logit error {error:.2e}; checked steps {steps}")
+    return checked
+
+
+def test_fp16_compute_gives_the_reference_tokens_where_margins_allow(fp16_compute_model):
+    arrays = np.load(fixture_path("visualglm", "reference_fp16_weights.npz"))
+    checked = tokens_where_margins_allow(fp16_compute_model, arrays, lambda s: s["fp16_weights"]["generated_ids"],
+                                         "fp16 compute")
     assert checked, "no greedy step had a margin above twice the fp16 logit error"
 
+# ----------------------------------------------------------------------------------------- int8 weights
+
+def copy_into_int8(full, quantized):
+    """Give `quantized` (LLM quantize: int8) the weights of `full` (float): its int8 layers get
+    quantize_int8 of full's weights, and full's weights become the dequantised values. Returns the names."""
+    from visual_mllm.layers import SCALE_SUFFIX, quantize_int8
+
+    params = dict(quantized.parameters_and_names())
+    names = []
+    for name, param in full.parameters_and_names():
+        target = params[name]
+        if target.dtype == ms.int8:
+            q, scale = quantize_int8(param.asnumpy())
+            target.set_data(Tensor(q))
+            params[name + SCALE_SUFFIX].set_data(Tensor(scale))
+            param.set_data(Tensor(q.astype(np.float32) * scale[:, None]))
+            names.append(name)
+        else:
+            target.set_data(Tensor(param.asnumpy()).astype(target.dtype))
+    return names
+
+
+@pytest.mark.parametrize("family", family_names())
+def test_int8_llm_computes_what_fp32_computes_on_the_dequantised_weights(family):
+    import visual_mllm
+    from visual_mllm.families import get
+    from visual_mllm.registry import precision_overrides
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    record = get(family)
+    full, processor = visual_mllm.load_from_yaml(record.demo_config)
+    quantized, _ = visual_mllm.load_from_yaml(record.demo_config, **precision_overrides(quantize="int8"))
+    names = copy_into_int8(full, quantized)
+    # every Linear of the LLM but lm_head; nothing of the image side, the embedding or the norms
+    linears = {n for n, p in full.parameters_and_names() if n.startswith("llm.") and len(p.shape) == 2
+               and "lm_head" not in n and "embed" not in n}
+    assert set(names) == linears
+    for expected, got in zip(prompt_logits(full, processor), prompt_logits(quantized, processor)):
+        np.testing.assert_allclose(got, expected, rtol=0, atol=SAME_TOL * max(1.0, np.abs(expected).max()))
+    held = dict(quantized.parameters_and_names())
+    assert {held[n].dtype for n in linears} == {ms.int8}  # a quarter of float32's bytes
+    assert all(held[n + "_scale"].shape == (held[n].shape[0],) for n in linears)  # one scale per output row
+
+
+@pytest.fixture(scope="module")
+def int8_model(converted_visualglm):
+    """The SAT fp32 fixture's conversion with the LLM quantised to int8 as it loads."""
+    from visual_mllm import load_from_yaml
+    from visual_mllm.registry import precision_overrides
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    return load_from_yaml(converted_visualglm / "run_visualglm.yaml", **precision_overrides(quantize="int8"))[0]
+
+
+def test_int8_weights_give_the_reference_tokens_where_margins_allow(int8_model):
+    # per-channel int8 of weights ~N(0, 0.02^2): a fraction of the logit range, never most of it
+    checked = tokens_where_margins_allow(int8_model, np.load(fixture_path("visualglm", "reference.npz")),
+                                         lambda s: s["generated_ids"], "int8",
+                                         bound=lambda logits: 0.1 * (logits.max() - logits.min()))
+    assert checked, "no greedy step had a margin above twice the int8 logit error"
+
+def test_int8_checkpoints_round_trip_and_are_refused_by_a_float_model(int8_model, converted_visualglm, tmp_path):
+    from visual_mllm import load_from_yaml
+    from visual_mllm.models.weights import CheckpointMismatchError, save_split_checkpoints
+    from visual_mllm.registry import precision_overrides
+
+    files = {part: f"{part}.ckpt" for part in ("vit", "qformer", "llm")}
+    paths = save_split_checkpoints(int8_model, str(tmp_path), files)
+    keys = {f"{part}_checkpoint": path for part, path in paths.items()}
+    again = load_from_yaml(converted_visualglm / "run_visualglm.yaml", **keys,
+                           **precision_overrides(quantize="int8"))[0]
+    for (name, a), (_, b) in zip(int8_model.parameters_and_names(), again.parameters_and_names()):
+        np.testing.assert_array_equal(a.asnumpy(), b.asnumpy(), err_msg=name)
+    with pytest.raises(CheckpointMismatchError, match="set quantize: int8") as err:
+        load_from_yaml(converted_visualglm / "run_visualglm.yaml", **keys)
+    assert "llm.layers.0" in str(err.value) and paths["llm"] in str(err.value)

@@ -15,7 +15,7 @@ import inspect
 
 from mindformers.models.configuration_utils import PretrainedConfig
 
-from .dtypes import AUTO, DTYPE_NAMES
+from .dtypes import AUTO, DTYPE_NAMES, QUANTIZE_NAMES
 
 
 class UnknownConfigKeyError(ValueError):
@@ -121,13 +121,18 @@ class TowerConfig(StrictConfig):
     compute_dtype: the dtype of its matmuls and activations (float32 | float16 | bfloat16 | auto =
         float16 on Ascend, float32 elsewhere). MindSpore's CPU has no bfloat16 matmul and only a slow
         float16 one: there, half precision is a storage format (param_dtype) and compute stays float32.
+    quantize: null, or int8: weight-only int8 for the tower's Linear layers (the LLM's lm_head, embeddings
+        and norms excepted): a quarter of float32's memory; float checkpoints are quantised as they load.
     """
 
-    def __init__(self, param_dtype="float32", compute_dtype="float32", **kwargs):
+    def __init__(self, param_dtype="float32", compute_dtype="float32", quantize=None, **kwargs):
         for key, value, allowed in (("param_dtype", param_dtype, DTYPE_NAMES),
-                                    ("compute_dtype", compute_dtype, DTYPE_NAMES + (AUTO,))):
+                                    ("compute_dtype", compute_dtype, DTYPE_NAMES + (AUTO,)),
+                                    ("quantize", quantize, QUANTIZE_NAMES)):
             if value not in allowed:
-                raise ValueError(f"{type(self).__name__}: {key} {value!r} is not one of {', '.join(allowed)}")
+                raise ValueError(f"{type(self).__name__}: {key} {value!r} is not one of "
+                                 f"{', '.join(str(v) for v in allowed)}")
         self.param_dtype = param_dtype
         self.compute_dtype = compute_dtype
+        self.quantize = quantize
         super().__init__(**kwargs)

@@ -7,14 +7,18 @@ whatever the weight dtype.
 Precision: a tower's Linear and Embedding weights are stored in its `param_dtype` and used in its
 `compute_dtype` (`Precision`); with float16/bfloat16 storage and float32 compute (the CPU setting) the
 weights take half the memory and are widened inside the graph where they are used, so the numbers
-are those of float32 compute on the stored values. Norm weights stay float32.
+are those of float32 compute on the stored values. Norm weights stay float32. With `quantize: int8`
+a tower's Linear layers hold weight-only int8 (W8A16): `weight` int8 [out, in] and a float32
+`weight_scale` [out] per output channel (symmetric), dequantised in the graph where they are used.
 """
 import math
 from dataclasses import dataclass
+from typing import Optional
 
+import numpy as np
 import mindspore as ms
 from mindspore import Parameter, nn, ops
-from mindspore.common.initializer import Normal, initializer
+from mindspore.common.initializer import Constant, Initializer, Normal, initializer
 
 MASK_FILL = -10000.0  # the reference code's additive mask value (not -inf: fully masked rows stay finite)
 # q k^T with k read as stored: a swapaxes before a matmul copies k (on CPU, the whole KV cache every decode step)
@@ -34,6 +38,7 @@ class Precision:
 
     param: object = ms.float32
     compute: object = ms.float32
+    quantize: Optional[str] = None  # "int8": the Linear layers hold int8 weights + per-channel scales
 
     @classmethod
     def of(cls, config):
@@ -47,10 +52,36 @@ class Precision:
                 f"{type(config).__name__}: compute_dtype bfloat16 cannot run on the CPU (MindSpore has no "
                 "bfloat16 matmul kernel there): use compute_dtype float32 (or auto) and keep param_dtype "
                 "bfloat16 to hold the weights in half the memory")
-        return cls(DTYPES[config.param_dtype], DTYPES[compute])
+        return cls(DTYPES[config.param_dtype], DTYPES[compute], config.quantize)
 
 
 FP32 = Precision()
+INT8_MAX = 127  # symmetric: -127..127, so that -w quantises to -q
+SCALE_SUFFIX = "_scale"  # an int8 `weight`'s per-channel scales are the Parameter `weight_scale`
+
+
+def quantize_int8(weight):
+    """Per-output-channel symmetric int8 of a float [out, in] array -> (int8 [out, in], float32 scale [out])."""
+    w = np.asarray(weight, np.float32)
+    scale = np.abs(w).max(axis=1) / INT8_MAX  # [out]
+    scale[scale == 0] = 1.0  # an all-zero row stays zero with any scale
+    q = np.clip(np.rint(w / scale[:, None]), -INT8_MAX, INT8_MAX).astype(np.int8)  # [out, in]
+    return q, scale.astype(np.float32)
+
+
+class QuantizedNormal(Initializer):
+    """Random int8 weights whose dequantised values (x `scale`) are N(0, sigma^2) clipped at 3 sigma, for
+    randomly initialised int8 models (demos, tests); real ones come from a checkpoint."""
+
+    def __init__(self, sigma):
+        super().__init__(sigma=sigma)
+        self.sigma = sigma
+        self.scale = 3.0 * sigma / INT8_MAX
+
+    def _initialize(self, arr):
+        values = np.zeros(arr.shape, np.float32)
+        Normal(self.sigma)._initialize(values)  # MindSpore's seeded normal, as the float weights get
+        arr[...] = np.clip(np.rint(values / self.scale), -INT8_MAX, INT8_MAX)
 
 
 class Linear(nn.Dense):
@@ -64,17 +95,33 @@ class Linear(nn.Dense):
     """
 
     def __init__(self, in_features, out_features, has_bias=True, precision=FP32):
-        super().__init__(in_features, out_features, weight_init=Normal(1.0 / math.sqrt(in_features)),
+        sigma = 1.0 / math.sqrt(in_features)
+        int8 = precision.quantize == "int8"
+        weight_init = QuantizedNormal(sigma) if int8 else Normal(sigma)
+        super().__init__(in_features, out_features, weight_init="zeros" if int8 else weight_init,
                          bias_init="zeros", has_bias=has_bias, dtype=precision.param)
         self.precision = precision
         self.compute = precision.compute
-        self.widen = precision.param != precision.compute  # a constant: the graph casts only when needed
+        self.int8 = int8
+        # constants: the graph casts only when needed
+        self.widen = int8 or precision.param != precision.compute
+        self.cast_input = self.widen or precision.compute != ms.float32
+        if int8:
+            self.weight = Parameter(initializer(weight_init, (out_features, in_features), ms.int8), name="weight")
+            self.weight_scale = Parameter(initializer(Constant(weight_init.scale), (out_features,), ms.float32),
+                                          name="weight" + SCALE_SUFFIX)
 
     def construct(self, x):
         shape = x.shape
-        x = x.reshape(-1, shape[-1]).astype(self.compute)  # [N, in]
-        weight = self.weight.astype(self.compute) if self.widen else self.weight  # [out, in]
+        x = x.reshape(-1, shape[-1])  # [N, in]
+        weight = self.weight  # [out, in]
+        if self.widen:
+            weight = weight.astype(self.compute)
+        if self.cast_input:  # float32 compute takes x as it comes, as nn.Dense does (mixed-precision
+            x = x.astype(self.compute)  # training casts inputs and weights itself)
         y = self.matmul(x, weight)  # [N, out]
+        if self.int8:
+            y = y * self.weight_scale.astype(self.compute)  # per output channel
         if self.has_bias:
             y = self.bias_add(y, self.bias.astype(self.compute) if self.widen else self.bias)
         return y.reshape(shape[:-1] + (y.shape[-1],))  # [..., out]
@@ -109,11 +156,13 @@ class Embedding(nn.Cell):
     def __init__(self, vocab_size, hidden_size, std=1.0, precision=FP32):
         super().__init__()
         self.compute = precision.compute
+        self.widen = table_dtype(precision) != precision.compute  # a constant, as in Linear
         self.weight = Parameter(initializer(Normal(std), (vocab_size, hidden_size), table_dtype(precision)),
                                 name="weight")
 
     def construct(self, input_ids):
-        return ops.gather(self.weight, input_ids, 0).astype(self.compute)  # [B,S,H]
+        rows = ops.gather(self.weight, input_ids, 0)  # [B,S,H]
+        return rows.astype(self.compute) if self.widen else rows
 
 
 class MLP(nn.Cell):

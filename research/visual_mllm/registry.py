@@ -118,12 +118,15 @@ def read_run_config(yaml_path, model_overrides=None, processor_overrides=None):
     return config
 
 
-def precision_overrides(param_dtype=None, compute_dtype=None):
-    """model_overrides giving every tower (ViT, Q-Former, LLM) these dtypes; None keeps the YAML's."""
+def precision_overrides(param_dtype=None, compute_dtype=None, quantize=None):
+    """model_overrides giving every tower (ViT, Q-Former, LLM) these dtypes and the LLM's Linear layers
+    `quantize` ("int8", or "none" for float); None keeps the YAML's."""
     tower = {key: value for key, value in (("param_dtype", param_dtype), ("compute_dtype", compute_dtype)) if value}
-    if not tower:
-        return {}
-    return {"image_encoder_config": {"vit_config": tower, "qformer_config": tower}, "llm_config": tower}
+    llm = dict(tower)
+    if quantize:
+        llm["quantize"] = None if quantize == "none" else quantize
+    overrides = {"image_encoder_config": {"vit_config": tower, "qformer_config": tower}} if tower else {}
+    return {**overrides, "llm_config": llm} if llm else overrides
 
 
 def load_from_yaml(yaml_path, processor_overrides=None, **model_overrides):

@@ -54,6 +54,9 @@ def build_parser():
     p.add_argument("--compute_dtype", default=None, choices=DTYPE_NAMES + (AUTO,),
                    help="the towers' matmul dtype (default: the YAML's compute_dtype; auto = float16 on Ascend, "
                         "float32 elsewhere; the CPU has no bfloat16 matmul)")
+    p.add_argument("--quantize", default=None, choices=["none", "int8"],
+                   help="the LLM's Linear layers: int8 = weight-only int8 (a float checkpoint is quantised as it "
+                        "loads; lm_head and the embedding stay as they are); default: the YAML's")
     p.add_argument("--lora_checkpoint", default=None,
                    help="LoRA weights (run_finetune.py) to load on top of the model; the demo config uses the "
                         "packaged demo LoRA unless this is 'none'")
@@ -148,7 +151,7 @@ def load_model(args):
     overrides = {k: v for k, v in (("use_past", args.use_past), ("seq_length", args.seq_length)) if v is not None}
     from ..registry import precision_overrides
 
-    overrides.update(precision_overrides(args.dtype, args.compute_dtype))
+    overrides.update(precision_overrides(args.dtype, args.compute_dtype, args.quantize))
     return load_yaml_model(args.config, args.lora_checkpoint, **overrides)
 
 

@@ -4,6 +4,10 @@ Every reader maps its files into memory and describes each tensor by shape and d
 read only when a tensor is loaded, one at a time. Pages of a mapped file are file-backed: the kernel
 can drop them at any time, so a 15.6 GB source never costs 15.6 GB of RAM.
 
+`safetensors_layout` / `mindspore_ckpt_layout` / `checkpoint_layout` give only where each tensor's
+bytes are in its file (`TensorLayout`), from the headers, for callers that read the bytes themselves
+(models.weights loads checkpoints into a model that way, one tensor at a time).
+
 Formats: PyTorch pickles (`.pt`, `.pth`, `.bin`; `torch.load(weights_only=True, mmap=True)`, so no
 code in the file runs), safetensors, MindSpore `.ckpt`, and sharded sets described by an index json
 (`{"weight_map": {key: shard file}}`). Bad input raises ConversionError naming the file.
@@ -16,7 +20,7 @@ import pickle
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Callable, Tuple
+from typing import Callable, NamedTuple, Tuple
 
 import torch
 
@@ -161,8 +165,38 @@ def _tensor_at(buffer, offset, shape, dtype):
     return torch.frombuffer(buffer, dtype=dtype, count=count, offset=offset).reshape(shape)
 
 
-def read_safetensors(path):
-    """A safetensors file as {key: SourceTensor} (mapped; the header is checked against the file size)."""
+class TensorLayout(NamedTuple):
+    """Where one tensor is in its file: shape, dtype and the byte spans ((start, stop), ...) whose
+    contents concatenate to its data (MindSpore splits a large tensor into several entries)."""
+
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+    spans: Tuple[Tuple[int, int], ...]
+
+    @property
+    def nbytes(self):
+        return sum(stop - start for start, stop in self.spans)
+
+
+def _spans_tensor(buffer, layout):
+    """The tensor a layout describes, on the mapped file (a view unless it is split in several spans)."""
+    if len(layout.spans) == 1:
+        return _tensor_at(buffer, layout.spans[0][0], layout.shape, layout.dtype)
+    flat = torch.cat([_tensor_at(buffer, start, ((stop - start) // layout.dtype.itemsize,), layout.dtype)
+                      for start, stop in layout.spans])
+    return flat.reshape(layout.shape)
+
+
+def _sources(path, layouts):
+    """{key: SourceTensor} of the layouts of a file, read from one mapping of it."""
+    buffer = _mapped(path)
+    return {key: SourceTensor(path, layout.shape, layout.dtype, lambda layout=layout: _spans_tensor(buffer, layout))
+            for key, layout in layouts.items()}
+
+
+def safetensors_layout(path):
+    """{key: TensorLayout} of a safetensors file in data order, from its header (checked against the
+    file size); no tensor data is read."""
     _check_file(path)
     size = os.path.getsize(path)
     with open(path, "rb") as f:
@@ -179,8 +213,7 @@ def read_safetensors(path):
             raise ConversionError(f"cannot read {path}: corrupt safetensors header ({_first_line(err)})") from None
     header.pop("__metadata__", None)
     data_start, data_size = 8 + header_len, size - 8 - header_len
-    buffer = _mapped(path)
-    tensors = {}
+    layouts = {}
     for key, info in header.items():
         dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
         if dtype is None:
@@ -194,9 +227,13 @@ def read_safetensors(path):
         if end - begin != source.nbytes:
             raise ConversionError(f"cannot read {path}: corrupt header ({key} {shape} {dtype} "
                                   f"needs {source.nbytes} bytes, its offsets span {end - begin})")
-        tensors[key] = SourceTensor(path, shape, dtype,
-                                    lambda o=data_start + begin, s=shape, d=dtype: _tensor_at(buffer, o, s, d))
-    return dict(sorted(tensors.items(), key=lambda item: header[item[0]]["data_offsets"][0]))
+        layouts[key] = TensorLayout(shape, dtype, ((data_start + begin, data_start + end),))
+    return dict(sorted(layouts.items(), key=lambda item: item[1].spans[0][0]))
+
+
+def read_safetensors(path):
+    """A safetensors file as {key: SourceTensor} (mapped; the header is checked against the file size)."""
+    return _sources(path, safetensors_layout(path))
 
 
 def _varint(buffer, pos, end, path):
@@ -233,15 +270,28 @@ def _fields(buffer, pos, end, path):
 CKPT_CRC_TRAILER = 17  # MindSpore's optional b"crc_num" + 10 bytes at the end of a .ckpt
 
 
-def read_mindspore_ckpt(path):
-    """A MindSpore .ckpt as {name: SourceTensor}, parsed entry by entry on the mapped file.
+def mindspore_ckpt_layout(path):
+    """{name: TensorLayout} of a MindSpore .ckpt, parsed entry by entry on the mapped file; only the
+    entries' headers are touched, and the mapping is closed before returning.
 
     The file is a `Checkpoint` protobuf: repeated `value {tag, tensor {dims, tensor_type,
     tensor_content}}`; a large tensor is stored as consecutive entries with the same tag whose
     contents concatenate. Text entries (tensor_type "str") are not tensors and are left out.
     """
     _check_file(path)
-    buffer = _mapped(path)
+    with open(path, "rb") as f:
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        with memoryview(mapping) as buffer:
+            return _ckpt_layout(path, buffer)
+    finally:
+        try:
+            mapping.close()
+        except BufferError:  # a view still held by an error's traceback: unmapped when collected
+            pass
+
+
+def _ckpt_layout(path, buffer):
     end = len(buffer)
     if end >= CKPT_CRC_TRAILER and bytes(buffer[end - CKPT_CRC_TRAILER:end - 10]) == b"crc_num":
         end -= CKPT_CRC_TRAILER
@@ -283,23 +333,25 @@ def read_mindspore_ckpt(path):
         else:
             entries[name] = (tuple(dims) if dims != [0] else (), MINDSPORE_DTYPES[type_name], [content])
         last = name
-    tensors = {}
+    layouts = {}
     for name, (shape, dtype, chunks) in entries.items():
-        source = SourceTensor(path, shape, dtype, None)
-        stored = sum(stop - start for start, stop in chunks)
-        if stored != source.nbytes:
-            raise ConversionError(f"cannot read {path}: {name} {shape} {dtype} needs {source.nbytes} bytes, "
-                                  f"the file holds {stored}")
-        tensors[name] = SourceTensor(path, shape, dtype,
-                                     lambda s=shape, d=dtype, c=tuple(chunks): _ckpt_tensor(buffer, s, d, c))
-    return tensors
+        layout = TensorLayout(shape, dtype, tuple(chunks))
+        needed = SourceTensor(path, shape, dtype, None).nbytes
+        if layout.nbytes != needed:
+            raise ConversionError(f"cannot read {path}: {name} {shape} {dtype} needs {needed} bytes, "
+                                  f"the file holds {layout.nbytes}")
+        layouts[name] = layout
+    return layouts
 
 
-def _ckpt_tensor(buffer, shape, dtype, chunks):
-    if len(chunks) == 1:
-        return _tensor_at(buffer, chunks[0][0], shape, dtype)
-    flat = torch.cat([_tensor_at(buffer, start, ((stop - start) // dtype.itemsize,), dtype) for start, stop in chunks])
-    return flat.reshape(shape)
+def read_mindspore_ckpt(path):
+    """A MindSpore .ckpt as {name: SourceTensor} (see `mindspore_ckpt_layout`), data read from a mapping."""
+    return _sources(path, mindspore_ckpt_layout(path))
+
+
+def checkpoint_layout(path):
+    """{name: TensorLayout} of a `.safetensors` file, or else of a MindSpore `.ckpt`."""
+    return safetensors_layout(path) if path.endswith(".safetensors") else mindspore_ckpt_layout(path)
 
 
 # ----------------------------------------------------------------------------------------- sharded sets

@@ -193,6 +193,10 @@ def inject_lora(model, targets, rank, alpha, dropout=0.0, compute_dtype="float32
     from mindpet.delta.lora import LoRADense
 
     cells = dense_cells(model)
+    quantized = [t for t in targets if getattr(cells[t], "int8", False)]
+    if quantized:
+        raise LoraConfigError(f"LoRA cannot go on int8 (quantised) layers: {_summarise(quantized)}; load the "
+                              "model without quantize (--quantize none), or give --lora_checkpoint none")
     added = []
     for name in targets:
         old = cells[name]

@@ -24,6 +24,8 @@ Conventions shared by every family (and recorded in exported graphs' manifests):
   computes scores over all S_max slots and masks the rest: cost grows with S_max, so size it to need).
 * **Position ids** have P rows (GLM: 2 for its 2-D rotary, LLaMA/Qwen: 1).
 """
+from dataclasses import replace
+
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
@@ -151,6 +153,8 @@ class Decoder(nn.Cell):
         self.num_layers = config.num_layers
         self.positions = type(self).position_scheme(config)
         self.precision = Precision.of(config)  # the KV cache is kept in its compute dtype
+        # lm_head is never quantised: the logits decide every token, and it is one layer of many
+        self.head_precision = replace(self.precision, quantize=None)
 
     @classmethod
     def position_scheme(cls, config):

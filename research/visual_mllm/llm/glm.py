@@ -178,7 +178,7 @@ class GLMModel(Decoder):
         self.rotary = GLMRotary(config.head_dim, config.rotary_base)
         self.layers = nn.CellList([GLMBlock(config, precision) for _ in range(config.num_layers)])
         self.final_layernorm = LayerNorm(config.hidden_size, config.norm_eps)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, has_bias=False, precision=precision)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, has_bias=False, precision=self.head_precision)
 
     @classmethod
     def position_scheme(cls, config):

@@ -140,7 +140,7 @@ class LlamaModel(Decoder):
         self.rotary = Rotary(config.head_dim, config.rope_theta)
         self.layers = nn.CellList([LlamaBlock(config, precision) for _ in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, has_bias=False, precision=precision)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, has_bias=False, precision=self.head_precision)
 
     @classmethod
     def position_scheme(cls, config):

@@ -16,7 +16,7 @@ from ..generation.generator import EagerEngine, PromptRow, generate
 from ..generation.steps import splice_image
 from ..vision.image_encoder import ImageEncoder, ImageEncoderConfig
 from .pretrained import PretrainedIOMixin
-from .weights import load_checkpoints
+from .weights import deferred_init, load_checkpoints
 
 
 class VisionLanguageConfig(StrictConfig):
@@ -100,11 +100,12 @@ class VisionLanguageModel(PretrainedIOMixin, PreTrainedModel):
         if not checkpoints:
             ms.set_seed(config.seed)  # no weights given: a reproducible random model (the built-in demo)
         check_projection(config.image_encoder_config, config.llm_config.hidden_size)
-        self.image_encoder = ImageEncoder(config.image_encoder_config)
-        self.llm = self.llm_class(config.llm_config)
+        with deferred_init(bool(checkpoints)):  # weights to load: no random values made first
+            self.image_encoder = ImageEncoder(config.image_encoder_config)
+            self.llm = self.llm_class(config.llm_config)
         self._engines = {}
         if checkpoints:
-            load_checkpoints(self, checkpoints)
+            load_checkpoints(self, checkpoints)  # tensor by tensor: the files are never held whole
 
     family = None  # short family name, recorded in exported manifests and conversion outputs
     llm_class = None  # the family's decoder (a `llm.base.Decoder`)
