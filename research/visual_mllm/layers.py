@@ -115,8 +115,8 @@ class Linear(nn.Dense):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, in]
         weight = self.weight  # [out, in]
-        if self.widen:
-            weight = weight.astype(self.compute)
+        if self.widen:  # the cast waits for x: else graph mode widens every weight of the model at once
+            weight = ops.depend(weight, x).astype(self.compute)  # (a float32 copy of all of them, measured)
         if self.cast_input:  # float32 compute takes x as it comes, as nn.Dense does (mixed-precision
             x = x.astype(self.compute)  # training casts inputs and weights itself)
         y = self.matmul(x, weight)  # [N, out]
