@@ -415,6 +415,15 @@ def test_sat_lora_kept_loads_as_a_finetune_lora_checkpoint(tmp_path, sat32_outpu
             np.testing.assert_allclose(param.asnumpy(), merged[param.name], rtol=1e-6, atol=1e-5, err_msg=param.name)
 
 
+def test_kept_lora_is_refused_with_quantize(tmp_path):
+    from visual_mllm.convert.readers import ConversionError
+
+    folder, _, _ = lora_sat(tmp_path)
+    with pytest.raises(ConversionError, match="--lora keep with --quantize int8.*--lora merge"):
+        to_mindspore(folder, tmp_path / "kept", keep_lora=True, quantize="int8")
+    assert not (tmp_path / "kept").exists()
+
+
 def test_merged_finetune_converts_to_hf_and_back(tmp_path, capsys):
     """A LoRA finetune merged by run_finetune.py --merge (the demo LoRA on the tiny model) converts to the HF
     format like any other model: converting that back gives the merged tensors exactly, and the result

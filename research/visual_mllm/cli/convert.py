@@ -82,6 +82,9 @@ def build_parser():
                    help="folder for the outputs (VisualGLM default: the folder of --glm_mindspore_path)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="dtype of floating tensors written (auto = as in the source)")
+    p.add_argument("--quantize", default=None, choices=["int8"],
+                   help="int8: write the LLM's Linear weights as weight-only int8 with per-channel scales (about "
+                        "half the fp16 size; run_infer.py then needs no --quantize); not with --mindspore_config")
     p.add_argument("--format", default=None, choices=["ckpt", "safetensors", "bin"],
                    help="file format written: ckpt (default) or safetensors to MindSpore; "
                         "bin (default) or safetensors to HF")
@@ -126,7 +129,7 @@ def convert_visualglm(args):
     if not output_dir:
         raise ValueError("give --output_dir (or at least --glm_mindspore_path, whose folder is then used)")
     visualglm.to_mindspore(args.torch_path, output_dir, args.dtype, args.format or "ckpt", args.tokenizer,
-                           part_paths, keep_lora=args.lora == "keep", lora_alpha=args.lora_alpha)
+                           part_paths, keep_lora=args.lora == "keep", lora_alpha=args.lora_alpha, quantize=args.quantize)
 
 
 def convert_lavis_release(args):
@@ -153,7 +156,7 @@ def convert_lavis_release(args):
                          f"--llm_path and --output_dir (missing: {', '.join(missing)})")
     options = minigpt4.Options(**{flag: getattr(args, flag) for flag in OPTION_FLAGS})
     minigpt4.to_mindspore(args.model_type, args.eva_vit_path, args.qformer_path, args.proj_path, args.llm_path,
-                          args.output_dir, args.dtype, args.format or "ckpt", options)
+                          args.output_dir, args.dtype, args.format or "ckpt", options, args.quantize)
 
 
 # a family record's Conversion.job -> (the job, the flags only that job takes)
@@ -174,6 +177,9 @@ def main(argv=None):
             refuse_flags(parser, args, flags, f"only with --model_type {takers}")
     if args.format == "bin" and not args.mindspore_config:
         raise ValueError("--format bin: MindSpore checkpoints are written as ckpt or safetensors")
+    if args.quantize and args.mindspore_config:
+        raise ValueError(f"--quantize {args.quantize}: only when converting to MindSpore (the release formats "
+                         "hold float weights)")
     signal.signal(signal.SIGTERM, _terminate)
     JOBS[job][0](args)
     return 0

@@ -24,9 +24,15 @@ def output_dtype(dtype, requested):
     return requested if requested is not None and dtype.is_floating_point else dtype
 
 
+def target_dtype(plan, name, dtype, requested):
+    """The dtype target `name` of `plan` is written in: its own for the plan's `exact_dtype` targets
+    (int8 weights' float32 scales), else output_dtype."""
+    return dtype if name in plan.exact_dtype else output_dtype(dtype, requested)
+
+
 def planned_outputs(plan, requested):
     """[(target, meta tensor in the output dtype)] in conversion order."""
-    return [(name, meta.to(output_dtype(meta.dtype, requested))) for name, meta in plan.targets.items()]
+    return [(name, meta.to(target_dtype(plan, name, meta.dtype, requested))) for name, meta in plan.targets.items()]
 
 
 def converted_tensors(plan, requested):
@@ -34,14 +40,13 @@ def converted_tensors(plan, requested):
     for step in plan.steps:
         outputs = step.rule.transform(*(plan.source[key].load() for key in step.rule.sources))
         for name, tensor in zip(step.rule.targets, outputs):
-            yield name, tensor.to(output_dtype(tensor.dtype, requested))
+            yield name, tensor.to(target_dtype(plan, name, tensor.dtype, requested))
         outputs = tensor = None  # nothing of this step stays alive while the next one loads
 
 
 def execute(plan, writers_for, requested, description):
     """Convert every step of `plan`; writers_for: {target: [writer, ...]} (a target may go to several files)."""
-    total = sum(meta.numel() * output_dtype(meta.dtype, requested).itemsize * len(writers_for[name])
-                for name, meta in plan.targets.items())
+    total = sum(meta.numel() * meta.dtype.itemsize * len(writers_for[name]) for name, meta in planned_outputs(plan, requested))
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=description,
               file=sys.stderr, mininterval=1.0, dynamic_ncols=True) as bar:
         for name, tensor in converted_tensors(plan, requested):

@@ -15,19 +15,21 @@ import sys
 import tempfile
 import time
 
+import mindspore as ms
+import torch
 import yaml
 from mindformers.models.build_config import build_model_config
 from mindspore.nn.utils import no_init_parameters
 
 from .. import families
 from ..lora_layout import LORA_PARAMS
-from ..layers import Embedding
+from ..layers import SCALE_SUFFIX, Embedding, quantize_int8
 from ..models.base import ProjectionMismatchError
 from ..models.pretrained import config_to_yaml_dict
 from ..models.weights import SPLIT_PARTS
 from ..registry import load_processor_from_yaml, processor_class, read_run_config
 from .engine import DTYPES, BackgroundHashes, execute, output_dtype, planned_outputs, tool_versions
-from .keymap import Plan, Rule, Step
+from .keymap import Plan, Rule, Step, Transform
 from .readers import ConversionError, Source, read_mindspore_ckpt, read_safetensors
 from .writers import CkptWriter, OutputFiles, SafetensorsWriter, TorchBinWriter
 
@@ -173,6 +175,53 @@ def set_param_dtypes(config, the_plan, dtype):
         tower.param_dtype = str(written.pop()).replace("torch.", "") if len(written) == 1 else "float32"
 
 
+def quantized_step(step, names):
+    """`step` with each of its targets in `names` written as int8 and `<name>_scale` (float32 [out]),
+    quantised as the model quantises at load (layers.quantize_int8: symmetric, per output channel)."""
+    inner = step.rule.transform
+
+    def forward(*tensors):
+        out = []
+        for name, tensor in zip(step.rule.targets, inner(*tensors)):
+            if name in names:
+                weight, scale = quantize_int8(tensor.float().numpy())  # [out, in] int8, [out] float32
+                out += [torch.from_numpy(weight), torch.from_numpy(scale)]
+            else:
+                out.append(tensor)
+        return out
+
+    targets, outputs = [], []
+    for name, meta in zip(step.rule.targets, step.outputs):
+        if name in names:
+            targets += [name, name + SCALE_SUFFIX]
+            outputs += [meta.to(torch.int8), torch.empty(meta.shape[:1], dtype=torch.float32, device="meta")]
+        else:
+            targets.append(name)
+            outputs.append(meta)
+    return Step(Rule(step.rule.sources, tuple(targets), Transform(f"quantize_int8({inner.name})", forward)),
+                tuple(outputs))
+
+
+def apply_precision(config, model_cls, the_plan, dtype, quantize):
+    """The plan as written and the config that loads it: with quantize "int8" the LLM's Linear weights
+    (those the model holds in int8) become int8 + float32 scales and the LLM config says quantize: int8;
+    each tower's param_dtype is the dtype its matrices are written in (set_param_dtypes).
+    Returns (plan, manifest entries)."""
+    extra = {}
+    if quantize:
+        config.llm_config.quantize = quantize
+        with no_init_parameters():
+            model = model_cls(config)
+        names = {param.name for param in model.get_parameters() if param.dtype == ms.int8}
+        steps = [quantized_step(step, names) if names & set(step.rule.targets) else step for step in the_plan.steps]
+        the_plan = Plan(the_plan.source, steps, the_plan.ignored, {name + SCALE_SUFFIX for name in names})
+        extra["quantize"] = {"llm": quantize, "tensors": len(names),
+                             "scheme": "weight-only int8 (W8A16): symmetric, one float32 scale per output channel "
+                                       "(<weight>_scale); embeddings, norms, lm_head and the image side as --dtype"}
+    set_param_dtypes(config, the_plan, dtype)
+    return the_plan, extra
+
+
 def run_yaml(family, config, checkpoints, tokenizer):
     """The run YAML (as a dict) of a family's config, its checkpoint files {part: path} and the
     processor's tokenizer section (vocab_file and the tokenizer's other arguments)."""
@@ -264,6 +313,9 @@ def read_model_yaml(config_yaml, family):
     if found is not family:
         raise ConversionError(f"{config_yaml} holds a {found.name} model ({type(config).__name__}): give "
                               f"--model_type {found.name}")
+    if config.llm_config.quantize:
+        raise ConversionError(f"{config_yaml}: the LLM is quantised ({config.llm_config.quantize}), and the release "
+                              "formats hold float weights: convert back from a float conversion (without --quantize)")
     return run_config, config
 
 

@@ -148,10 +148,11 @@ class Step:
 class Plan:
     """Rules checked against a source, in the order the source's files hold their first inputs."""
 
-    def __init__(self, source, steps, ignored):
+    def __init__(self, source, steps, ignored, exact_dtype=frozenset()):
         self.source = source
         self.steps = steps
         self.ignored = sorted(ignored)
+        self.exact_dtype = frozenset(exact_dtype)  # targets written in their own dtype, whatever --dtype says
 
     @property
     def targets(self):

@@ -37,9 +37,9 @@ from .. import families
 from ..families import Family
 from . import lavis
 from .engine import DTYPES, planned_outputs
-from .job import (MANIFEST, Timer, check_projection, combine_plans, model_parameters, output_files, part_files,
-                  planned_parts, processor_error, read_mindspore_checkpoints, read_model_yaml, run_yaml, run_yaml_name,
-                  set_param_dtypes, source_bytes, tokenizer_files, write_hf_shards, write_mindspore, write_plan)
+from .job import (MANIFEST, Timer, apply_precision, check_projection, combine_plans, model_parameters, output_files,
+                  part_files, planned_parts, processor_error, read_mindspore_checkpoints, read_model_yaml, run_yaml,
+                  run_yaml_name, source_bytes, tokenizer_files, write_hf_shards, write_mindspore, write_plan)
 from .keymap import Plan, plan
 from .readers import ConversionError, Source, names, read_json
 from .hf_folder import BIN, CONFIG_FILE, KEPT_FILES, SAFETENSORS, read_source as read_hf_weights
@@ -203,8 +203,9 @@ def key_counts(the_plan, sources):
 
 
 def to_mindspore(model_type, eva_vit_path, qformer_path, proj_path, llm_path, output_dir, dtype="auto",
-                 file_format="ckpt", options=Options()):
-    """Convert the four sources of a MiniGPT-4 / MiniGPT4Qwen model into output_dir; returns the run YAML's path."""
+                 file_format="ckpt", options=Options(), quantize=None):
+    """Convert the four sources of a MiniGPT-4 / MiniGPT4Qwen model into output_dir; returns the run YAML's path.
+    quantize: None, or "int8" to write the LLM's Linear weights as weight-only int8 (job.apply_precision)."""
     timer = Timer()
     spec = Spec.of(model_type)
     family = spec.family
@@ -216,7 +217,7 @@ def to_mindspore(model_type, eva_vit_path, qformer_path, proj_path, llm_path, ou
 
     files = output_files(output_dir, file_format, part_files(family.model_class), {},
                          planned_parts(the_plan, embedding))
-    set_param_dtypes(config, the_plan, dtype)
+    the_plan, precision = apply_precision(config, family.model_class, the_plan, dtype, quantize)
     data = run_yaml(family, config, files, {"vocab_file": llm.vocab_file})
     err = processor_error(data)
     if err is not None:
@@ -236,7 +237,8 @@ def to_mindspore(model_type, eva_vit_path, qformer_path, proj_path, llm_path, ou
     extra = {"family": family.name, "sources": {flag: os.path.abspath(path) for flag, path in given.items()},
              "keys_by_source": key_counts(the_plan, sources), "options": asdict(options),
              "tokenizer": {"vocab_file": llm.vocab_file, "from": "--llm_path"},
-             "llm_folder_files": {"kept": kept, "from": "--llm_path", "for": "the way back (--mindspore_config)"}}
+             "llm_folder_files": {"kept": kept, "from": "--llm_path", "for": "the way back (--mindspore_config)"},
+             **precision}
     write_mindspore(the_plan, spec.source_format, files, embedding, (yaml_path, data, header), timer, dtype,
                     file_format, copies, extra)
     return yaml_path

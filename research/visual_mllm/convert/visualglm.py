@@ -19,8 +19,8 @@ from ..tokenizers.chatglm import PACKAGED_VOCAB_FILE, TOKENIZER_CONFIG_FILE, VOC
 from . import visualglm_hf, visualglm_sat
 from .hf_folder import BIN, CONFIG_FILE, SAFETENSORS
 from .engine import DTYPES
-from .job import (MANIFEST, Timer, check_projection, model_parameters, output_files, part_files, planned_parts,
-                  processor_error, read_mindspore_checkpoints, read_model_yaml, run_yaml, run_yaml_name, set_param_dtypes,
+from .job import (MANIFEST, Timer, apply_precision, check_projection, model_parameters, output_files, part_files,
+                  planned_parts, processor_error, read_mindspore_checkpoints, read_model_yaml, run_yaml, run_yaml_name,
                   source_bytes, tokenizer_files as files_of_tokenizer, write_hf_shards, write_mindspore)
 from .keymap import plan
 from .readers import ConversionError, read_json
@@ -131,10 +131,11 @@ def lora_meta(lora):
 
 
 def to_mindspore(torch_path, output_dir, dtype="auto", file_format="ckpt", tokenizer=None, part_paths=None,
-                 keep_lora=False, lora_alpha=None):
+                 keep_lora=False, lora_alpha=None, quantize=None):
     """Convert a VisualGLM release into output_dir; returns the path of the run YAML written there.
 
     part_paths: {part: path} overriding where a part's checkpoint goes (vit, qformer, llm, llm_embedding).
+    quantize: None, or "int8" to write the LLM's Linear weights as weight-only int8 (job.apply_precision).
     """
     timer = Timer()
     output_dir = os.path.abspath(output_dir)
@@ -157,7 +158,10 @@ def to_mindspore(torch_path, output_dir, dtype="auto", file_format="ckpt", token
 
     files = output_files(output_dir, file_format, part_files(VisualGLMForConditionalGeneration), part_paths or {},
                          planned_parts(the_plan, embedding))
-    set_param_dtypes(config, the_plan, dtype)
+    if lora is not None and keep_lora and quantize:
+        raise ConversionError(f"--lora keep with --quantize {quantize}: LoRA cannot go on quantised weights; "
+                              "give --lora merge (the LoRA is merged before quantising)")
+    the_plan, precision = apply_precision(config, VisualGLMForConditionalGeneration, the_plan, dtype, quantize)
     data = run_yaml(FAMILY, config, files, {"vocab_file": tokenizer.vocab_file,
                                             "num_image_tokens": tokenizer.num_image_tokens})
     check_run_yaml(data, tokenizer)
@@ -171,7 +175,7 @@ def to_mindspore(torch_path, output_dir, dtype="auto", file_format="ckpt", token
               f"Sizes from {config_file}; see {MANIFEST} beside this file for the sources and outputs.",
               f"python run_infer.py --config {yaml_path} --image_path IMG --prompt \"...\""]
     extra = {"tokenizer": {"vocab_file": tokenizer.vocab_file, "from": tokenizer.origin,
-                           "num_image_tokens": tokenizer.num_image_tokens}}
+                           "num_image_tokens": tokenizer.num_image_tokens}, **precision}
     texts = {}
     if lora is not None:
         extra["lora"] = {"layers": list(lora.layers), "rank": lora.rank, "alpha": lora.alpha,
