@@ -142,6 +142,33 @@ def test_damaged_exports_are_refused(tiny_export, tmp_path):
         ExportedModel(str(copy))
 
 
+def test_weights_past_the_mindir_limit_go_to_external_files(tiny, tiny_export, tmp_path, monkeypatch):
+    """Past 1 GiB of weights (MindSpore's TOTAL_SAVE, in KiB) ms.export writes them beside the graph, as a
+    real-size model's graphs are written. The limit set to 0 sends the tiny model's graphs that way: the
+    manifest lists the weight files, the export answers as the one-file export does, a missing one is named."""
+    import mindspore.train.serialization as serialization
+    from visual_mllm.export.runtime import ExportedModel, ExportMismatchError
+
+    model, processor = tiny
+    monkeypatch.setattr(serialization, "TOTAL_SAVE", 0)
+    out = tmp_path / "external"
+    export(model, processor, TINY_YAML, out, batch_size=2, seq_length=96, use_past=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for graph in manifest["graphs"].values():
+        folder = os.path.dirname(graph["file"])
+        assert graph["file"] == os.path.join(folder, "rank_0_graph.mindir")
+        assert [data["file"] for data in graph["external_data"]] == [os.path.join(folder, "rank_0_variables", "data_0")]
+        assert graph["external_data"][0]["bytes"] > graph["bytes"]  # the weights are out of the graph file
+    one_file = json.loads((tiny_export / "manifest.json").read_text())
+    assert all(graph["external_data"] == [] for graph in one_file["graphs"].values())
+    rows, pixels = prepared(processor, REQUESTS[:2])
+    expected = ExportedModel(str(tiny_export)).generate_ids(rows, greedy(model), pixels)
+    assert ExportedModel(str(out)).generate_ids(rows, greedy(model), pixels) == expected
+    (out / manifest["graphs"]["full"]["external_data"][0]["file"]).unlink()
+    with pytest.raises(ExportMismatchError, match="full external weights .*data_0 is missing"):
+        ExportedModel(str(out))
+
+
 CFG_CASES = {
     "good": ("[ascend_context]\nplugin_custom_ops=All\nprovider=ge\n[ge_session_options]\nge.exec.formatMode=1\n", None),
     "no_equals": ("[ascend_context]\nprovider ge\n", "line 2"),

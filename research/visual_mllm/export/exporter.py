@@ -36,6 +36,10 @@ from ..models.pretrained import CHECKPOINT_KEYS, config_to_yaml_dict
 MANIFEST = "manifest.json"
 RUN_CONFIG = "model.yaml"
 FORMAT = "visual_mllm-export/1"
+# ms.export(file_name=<folder>/rank_0) writes rank_0.mindir, or, past 1 GiB of weights (MindIR is one protobuf,
+# limited to 2 GB), rank_0_graph.mindir + rank_0_variables/data_N holding the weights as external data (the
+# graph names them relative to its folder: the older MindFormers port's layout). Both end up as GRAPH_FILE.
+GRAPH_PREFIX = "rank_0"
 GRAPH_FILE = "rank_0_graph.mindir"
 
 
@@ -86,6 +90,24 @@ def _sha256(path):
     return digest.hexdigest()
 
 
+def _file_entry(root, path):
+    return {"file": os.path.relpath(path, root), "bytes": os.path.getsize(path), "sha256": _sha256(path)}
+
+
+def _export_graph(cell, arrays, root, folder):
+    """Export `cell` for `arrays` into root/folder as GRAPH_FILE; returns its manifest entry (file, bytes, sha256
+    and `external_data`: the weight files MindSpore wrote beside a graph past its size limit, [] if none)."""
+    os.makedirs(os.path.join(root, folder))
+    prefix = os.path.join(root, folder, GRAPH_PREFIX)
+    ms.export(cell, *[Tensor(a) for a in arrays], file_name=prefix, file_format="MINDIR")
+    if os.path.exists(prefix + ".mindir"):  # weights inside the graph
+        os.replace(prefix + ".mindir", os.path.join(root, folder, GRAPH_FILE))
+    variables = prefix + "_variables"
+    external = sorted(os.listdir(variables)) if os.path.isdir(variables) else []
+    return dict(_file_entry(root, os.path.join(root, folder, GRAPH_FILE)),
+                external_data=[_file_entry(root, os.path.join(variables, name)) for name in external])
+
+
 def _run_config(model, processor_section, tokenizer, vocab_name):
     model_config = config_to_yaml_dict(model.config)
     for key in CHECKPOINT_KEYS:
@@ -129,14 +151,8 @@ def export_model(model, processor_section, tokenizer, output_dir, batch_size, se
         graphs = {}
         for step, (name, cell) in enumerate(cells.items(), start=1):
             log(f"[{step}/{len(cells) + 1}] exporting the {name} graph ...")
-            folder = os.path.join(work, dirs[name])
-            os.makedirs(folder)
-            ms.export(cell, *[Tensor(a) for _, a in inputs[name]], file_name=os.path.join(folder, "rank_0_graph"),
-                      file_format="MINDIR")
-            path = os.path.join(folder, GRAPH_FILE)
-            graphs[name] = {"file": os.path.join(dirs[name], GRAPH_FILE), "bytes": os.path.getsize(path),
-                            "sha256": _sha256(path), "inputs": [_spec(n, a) for n, a in inputs[name]],
-                            "outputs": outputs[name]}
+            graphs[name] = dict(_export_graph(cell, [a for _, a in inputs[name]], work, dirs[name]),
+                                inputs=[_spec(n, a) for n, a in inputs[name]], outputs=outputs[name])
         log(f"[{len(cells) + 1}/{len(cells) + 1}] writing the tokenizer, run config and manifest ...")
         os.makedirs(os.path.join(work, "tokenizer"))
         vocab_name = os.path.basename(tokenizer.vocab_file)

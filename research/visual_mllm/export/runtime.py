@@ -257,11 +257,12 @@ def read_manifest(export_dir):
     if manifest.get("format") != FORMAT:
         raise ExportMismatchError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
     for name, graph in manifest["graphs"].items():
-        file = os.path.join(export_dir, graph["file"])
-        if not os.path.isfile(file):
-            raise ExportMismatchError(f"manifest lists the {name} graph {graph['file']} but {file} is missing")
-        if os.path.getsize(file) != graph["bytes"]:
-            raise ExportMismatchError(f"{file} has {os.path.getsize(file)} bytes but the manifest says "
-                                      f"{graph['bytes']}: the graph and the manifest do not belong together")
+        for entry, what in [(graph, "graph")] + [(data, "external weights") for data in graph.get("external_data", [])]:
+            file = os.path.join(export_dir, entry["file"])
+            if not os.path.isfile(file):
+                raise ExportMismatchError(f"manifest lists the {name} {what} {entry['file']} but {file} is missing")
+            if os.path.getsize(file) != entry["bytes"]:
+                raise ExportMismatchError(f"{file} has {os.path.getsize(file)} bytes but the manifest says "
+                                          f"{entry['bytes']}: the {what} and the manifest do not belong together")
     return manifest
 
