@@ -175,6 +175,22 @@ def test_int8_llm_computes_what_fp32_computes_on_the_dequantised_weights(family)
     assert all(held[n + "_scale"].shape == (held[n].shape[0],) for n in linears)  # one scale per output row
 
 
+def test_int8_linear_takes_the_fused_matmul_on_ascend_only(monkeypatch):
+    """Ascend runs int8 Linears through WeightQuantBatchMatmul (float16/bfloat16 compute); every other case,
+    this CPU included, widens the weight in the graph. (The fused kernel itself needs an Ascend device.)"""
+    from visual_mllm import layers
+
+    int8_half = layers.Precision(ms.float16, ms.float16, "int8")
+    assert not layers.Linear(8, 4, precision=int8_half).fused_int8
+    real = ms.get_context
+    monkeypatch.setattr(ms, "get_context", lambda key: "Ascend" if key == "device_target" else real(key))
+    fused = layers.Linear(8, 4, precision=int8_half)
+    assert fused.fused_int8 and not fused.widen and isinstance(fused.weight_quant_matmul,
+                                                               layers.WeightQuantBatchMatmul)
+    assert not layers.Linear(8, 4, precision=layers.Precision(ms.float16, ms.float32, "int8")).fused_int8
+    assert not layers.Linear(8, 4, precision=layers.Precision(ms.float16, ms.float16)).fused_int8
+
+
 @pytest.fixture(scope="module")
 def int8_model(converted_visualglm):
     """The SAT fp32 fixture's conversion with the LLM quantised to int8 as it loads."""

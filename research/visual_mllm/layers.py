@@ -19,6 +19,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import Constant, Initializer, Normal, initializer
+from mindspore.ops.auto_generate import WeightQuantBatchMatmul
 
 MASK_FILL = -10000.0  # the reference code's additive mask value (not -inf: fully masked rows stay finite)
 # q k^T with k read as stored: a swapaxes before a matmul copies k (on CPU, the whole KV cache every decode step)
@@ -69,6 +70,14 @@ def quantize_int8(weight):
     return q, scale.astype(np.float32)
 
 
+def fused_int8_matmul(precision):
+    """Whether an int8 Linear of this precision runs MindSpore's WeightQuantBatchMatmul (Ascend only: the int8
+    weight is read as stored and scaled inside the matmul, no float copy; it takes float16/bfloat16 inputs).
+    Elsewhere the weight is widened in the graph and the scales multiply the output."""
+    return (precision.quantize == "int8" and precision.compute in (ms.float16, ms.bfloat16)
+            and ms.get_context("device_target") == "Ascend")
+
+
 class QuantizedNormal(Initializer):
     """Random int8 weights whose dequantised values (x `scale`) are N(0, sigma^2) clipped at 3 sigma, for
     randomly initialised int8 models (demos, tests); real ones come from a checkpoint."""
@@ -103,9 +112,13 @@ class Linear(nn.Dense):
         self.precision = precision
         self.compute = precision.compute
         self.int8 = int8
+        self.fused_int8 = fused_int8_matmul(precision)
+        if self.fused_int8:  # y = x @ (weight * scale)^T, weight [out, in] as stored
+            self.weight_quant_matmul = WeightQuantBatchMatmul(transpose_x=False, transpose_weight=True)
         # constants: the graph casts only when needed
-        self.widen = int8 or precision.param != precision.compute
+        self.widen = not self.fused_int8 and (int8 or precision.param != precision.compute)
         self.cast_input = self.widen or precision.compute != ms.float32
+        self.cast_bias = precision.param != precision.compute
         if int8:
             self.weight = Parameter(initializer(weight_init, (out_features, in_features), ms.int8), name="weight")
             self.weight_scale = Parameter(initializer(Constant(weight_init.scale), (out_features,), ms.float32),
@@ -119,11 +132,15 @@ class Linear(nn.Dense):
             weight = ops.depend(weight, x).astype(self.compute)  # (a float32 copy of all of them, measured)
         if self.cast_input:  # float32 compute takes x as it comes, as nn.Dense does (mixed-precision
             x = x.astype(self.compute)  # training casts inputs and weights itself)
-        y = self.matmul(x, weight)  # [N, out]
-        if self.int8:
+        if self.fused_int8:
+            y = self.weight_quant_matmul(x, weight, self.weight_scale.astype(self.compute), None, None, None,
+                                         None)  # [N, out]
+        else:
+            y = self.matmul(x, weight)  # [N, out]
+        if self.int8 and not self.fused_int8:
             y = y * self.weight_scale.astype(self.compute)  # per output channel
         if self.has_bias:
-            y = self.bias_add(y, self.bias.astype(self.compute) if self.widen else self.bias)
+            y = self.bias_add(y, self.bias.astype(self.compute) if self.cast_bias else self.bias)
         return y.reshape(shape[:-1] + (y.shape[-1],))  # [..., out]
 
 
