@@ -25,7 +25,7 @@ setup(
     description="BLIP-2-style vision-language chat models (VisualGLM-6B, MiniGPT-4, MiniGPT4Qwen) on MindSpore",
     package_dir={"": "research"},
     packages=find_packages(where="research"),
-    package_data={"visual_mllm": ["assets/*", "assets/**/*"]},
+    package_data={"visual_mllm": ["assets/*", "assets/**/*", "cpu_kernels/*.cc", "cpu_kernels/*.inc"]},
     python_requires=">=3.9",
     install_requires=RUNTIME,
     extras_require=EXTRAS,

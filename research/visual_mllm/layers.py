@@ -11,6 +11,7 @@ are those of float32 compute on the stored values. Norm weights stay float32. Wi
 a tower's Linear layers hold weight-only int8 (W8A16): `weight` int8 [out, in] and a float32
 `weight_scale` [out] per output channel (symmetric), dequantised in the graph where they are used.
 """
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -20,6 +21,8 @@ import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import Constant, Initializer, Normal, initializer
 from mindspore.ops.auto_generate import WeightQuantBatchMatmul
+
+from . import cpu_kernels
 
 MASK_FILL = -10000.0  # the reference code's additive mask value (not -inf: fully masked rows stay finite)
 # q k^T with k read as stored: a swapaxes before a matmul copies k (on CPU, the whole KV cache every decode step)
@@ -57,6 +60,7 @@ class Precision:
 
 
 FP32 = Precision()
+HALF = (ms.float16, ms.bfloat16)
 INT8_MAX = 127  # symmetric: -127..127, so that -w quantises to -q
 SCALE_SUFFIX = "_scale"  # an int8 `weight`'s per-channel scales are the Parameter `weight_scale`
 
@@ -74,8 +78,14 @@ def fused_int8_matmul(precision):
     """Whether an int8 Linear of this precision runs MindSpore's WeightQuantBatchMatmul (Ascend only: the int8
     weight is read as stored and scaled inside the matmul, no float copy; it takes float16/bfloat16 inputs).
     Elsewhere the weight is widened in the graph and the scales multiply the output."""
-    return (precision.quantize == "int8" and precision.compute in (ms.float16, ms.bfloat16)
-            and ms.get_context("device_target") == "Ascend")
+    return precision.quantize == "int8" and precision.compute in HALF and ms.get_context("device_target") == "Ascend"
+
+
+def cpu_weight_only(precision):
+    """Whether a Linear of this precision runs cpu_kernels' weight-only matmul at inference (CPU, float32
+    compute, float16/bfloat16/int8 weights, kernel built): the weight is read as stored, never widened."""
+    return (precision.compute == ms.float32 and (precision.quantize == "int8" or precision.param in HALF)
+            and ms.get_context("device_target") == "CPU" and cpu_kernels.available())
 
 
 class QuantizedNormal(Initializer):
@@ -115,6 +125,10 @@ class Linear(nn.Dense):
         self.fused_int8 = fused_int8_matmul(precision)
         if self.fused_int8:  # y = x @ (weight * scale)^T, weight [out, in] as stored
             self.weight_quant_matmul = WeightQuantBatchMatmul(transpose_x=False, transpose_weight=True)
+        # at inference (not in training: the kernel has no gradient) unless portable_graphs() turns it off
+        self.cpu_kernel = cpu_weight_only(precision)
+        if self.cpu_kernel:
+            self.weight_only_matmul = cpu_kernels.weight_only_matmul()
         # constants: the graph casts only when needed
         self.widen = not self.fused_int8 and (int8 or precision.param != precision.compute)
         self.cast_input = self.widen or precision.compute != ms.float32
@@ -127,6 +141,14 @@ class Linear(nn.Dense):
     def construct(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, in]
+        if self.cpu_kernel and not self.training:  # the stored weight, read as it is
+            if self.int8:
+                y = self.weight_only_matmul(x.astype(ms.float32), self.weight, self.weight_scale)  # [N, out]
+            else:
+                y = self.weight_only_matmul(x.astype(ms.float32), self.weight)  # [N, out]
+            if self.has_bias:
+                y = self.bias_add(y, self.bias.astype(ms.float32))
+            return y.reshape(shape[:-1] + (y.shape[-1],))  # [..., out]
         weight = self.weight  # [out, in]
         if self.widen:  # the cast waits for x: else graph mode widens every weight of the model at once
             weight = ops.depend(weight, x).astype(self.compute)  # (a float32 copy of all of them, measured)
@@ -142,6 +164,20 @@ class Linear(nn.Dense):
         if self.has_bias:
             y = self.bias_add(y, self.bias.astype(self.compute) if self.cast_bias else self.bias)
         return y.reshape(shape[:-1] + (y.shape[-1],))  # [..., out]
+
+
+@contextlib.contextmanager
+def portable_graphs(model):
+    """Within it, every Linear of `model` compiles without cpu_kernels (graphs to export: an aot op names its
+    library by an absolute path of this machine)."""
+    linears = [cell for _, cell in model.cells_and_names() if isinstance(cell, Linear) and cell.cpu_kernel]
+    for cell in linears:
+        cell.cpu_kernel = False
+    try:
+        yield
+    finally:
+        for cell in linears:
+            cell.cpu_kernel = True
 
 
 class LayerNorm(nn.Cell):

@@ -31,6 +31,7 @@ from mindspore import Tensor
 
 from .. import __version__
 from ..generation.steps import DecodeStep, EmbedStep, PrefillStep
+from ..layers import portable_graphs
 from ..models.pretrained import CHECKPOINT_KEYS, config_to_yaml_dict
 
 MANIFEST = "manifest.json"
@@ -149,10 +150,11 @@ def export_model(model, processor_section, tokenizer, output_dir, batch_size, se
     work = tempfile.mkdtemp(prefix=".partial-export-", dir=parent)
     try:
         graphs = {}
-        for step, (name, cell) in enumerate(cells.items(), start=1):
-            log(f"[{step}/{len(cells) + 1}] exporting the {name} graph ...")
-            graphs[name] = dict(_export_graph(cell, [a for _, a in inputs[name]], work, dirs[name]),
-                                inputs=[_spec(n, a) for n, a in inputs[name]], outputs=outputs[name])
+        with portable_graphs(model):  # graphs that load on any machine
+            for step, (name, cell) in enumerate(cells.items(), start=1):
+                log(f"[{step}/{len(cells) + 1}] exporting the {name} graph ...")
+                graphs[name] = dict(_export_graph(cell, [a for _, a in inputs[name]], work, dirs[name]),
+                                    inputs=[_spec(n, a) for n, a in inputs[name]], outputs=outputs[name])
         log(f"[{len(cells) + 1}/{len(cells) + 1}] writing the tokenizer, run config and manifest ...")
         os.makedirs(os.path.join(work, "tokenizer"))
         vocab_name = os.path.basename(tokenizer.vocab_file)

@@ -1,12 +1,10 @@
-// Weight-only fp16 / bf16 / int8 linear layer for MindSpore ops.Custom(func_type="aot") on CPU.
+// Weight-only fp16 / bf16 / int8 linear layer for MindSpore ops.Custom(func_type="aot") on CPU
+// (visual_mllm.cpu_kernels builds it with g++ on first use; layers.Linear calls it at inference).
 //   y[M, N] (fp32) = x[M, K] (fp32) . W[N, K]^T  (* scale[N] for int8)
 // Portable build: no -march flags needed.  On x86-64 AVX-512 and AVX2+FMA+F16C code paths are compiled
 // via "#pragma GCC target" regions and chosen at run time (__builtin_cpu_supports); everything else
 // (aarch64, old x86) uses a GCC-vector-extension path (NEON / SSE2).
-// "#pragma GCC optimize" keeps it fast even when MindSpore auto-compiles the .cc (it passes no -O flag).
-#pragma GCC optimize("O3")
-// always_inline: with "#pragma GCC optimize" alone an -O0 command line (MindSpore's auto-compile) still
-// leaves the small SIMD helpers un-inlined (measured 3-8x slower); forcing inlining recovers ~prebuilt speed.
+// always_inline: the small SIMD helpers must inline whatever the optimisation flags.
 #define WQ_INLINE __attribute__((always_inline)) inline
 #include <algorithm>
 #include <cstdint>
@@ -21,9 +19,6 @@
 #endif
 #if defined(__aarch64__)
 #include <arm_neon.h>
-#endif
-#ifdef WQ_USE_OPENMP
-#include <omp.h>
 #endif
 
 
@@ -95,7 +90,7 @@ struct V {
   static WQ_INLINE reg fma(reg a, reg b, reg c) { return a * b + c; }
   static WQ_INLINE float hsum(reg v) { return (v[0] + v[2]) + (v[1] + v[3]); }
 };
-#include "wq_kernel.inc"
+#include "weight_only_kernel.inc"
 }  // namespace generic
 
 #ifdef WQ_X86
@@ -125,7 +120,7 @@ struct V {
     return _mm_cvtss_f32(s);
   }
 };
-#include "wq_kernel.inc"
+#include "weight_only_kernel.inc"
 }  // namespace avx2
 #pragma GCC pop_options
 
@@ -150,7 +145,7 @@ struct V {
   static WQ_INLINE reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
   static WQ_INLINE float hsum(reg v) { return _mm512_reduce_add_ps(v); }
 };
-#include "wq_kernel.inc"
+#include "weight_only_kernel.inc"
 }  // namespace avx512
 #pragma GCC pop_options
 #endif  // WQ_X86
@@ -176,7 +171,7 @@ static int detect_isa() {
 static int isa() { static int v = detect_isa(); return v; }
 
 static int num_threads() {
-  const char *e = std::getenv("WQ_NUM_THREADS");   // read every call, cheap; lets benchmarks switch it
+  const char *e = std::getenv("WQ_NUM_THREADS");   // default: every core (read every call: cheap)
   int n = e ? std::atoi(e) : (int)std::thread::hardware_concurrency();
   return n < 1 ? 1 : (n > 64 ? 64 : n);
 }
@@ -188,16 +183,11 @@ static void parallel_rows(int64_t N, int64_t align, int64_t min_rows, F &&f) {
   if (nt <= 1) { f((int64_t)0, N); return; }
   int64_t units = (N + align - 1) / align;
   auto bound = [&](int64_t t) { return std::min<int64_t>(N, (units * t / nt) * align); };
-#ifdef WQ_USE_OPENMP
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t t = 0; t < nt; ++t) f(bound(t), bound(t + 1));
-#else
   std::vector<std::thread> th;
   th.reserve(nt - 1);
   for (int64_t t = 1; t < nt; ++t) th.emplace_back([&, t] { f(bound(t), bound(t + 1)); });
   f(bound(0), bound(1));
   for (auto &t : th) t.join();
-#endif
 }
 
 template <class T>
@@ -215,23 +205,6 @@ static void gemm(const float *x, int64_t M, int64_t K, const T *w, const float *
 #endif
     default:
       parallel_rows(N, 16, min_rows, [&](int64_t a, int64_t b) { generic::gemm_range<T>(x, M, K, w, scale, y, N, a, b); });
-  }
-}
-
-template <class T>
-static void dequant(const T *w, const float *scale, float *out, int64_t N, int64_t K) {
-  int64_t min_rows = std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1));
-  switch (isa()) {
-#ifdef WQ_X86
-    case ISA_AVX512:
-      parallel_rows(N, 1, min_rows, [&](int64_t a, int64_t b) { avx512::dequant_range<T>(w, scale, out, K, a, b); });
-      return;
-    case ISA_AVX2:
-      parallel_rows(N, 1, min_rows, [&](int64_t a, int64_t b) { avx2::dequant_range<T>(w, scale, out, K, a, b); });
-      return;
-#endif
-    default:
-      parallel_rows(N, 1, min_rows, [&](int64_t a, int64_t b) { generic::dequant_range<T>(w, scale, out, K, a, b); });
   }
 }
 
@@ -269,46 +242,5 @@ int WqLinear(int nparam, void **params, int *ndims, int64_t **shapes, const char
   else return 6;
   return 0;
 }
-
-// Inputs: w [N, K] float16 | bfloat16 | int8; optional scale float32 [N].  Output: float32 [N, K].
-int WqDequant(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
-              void *extra) {
-  (void)stream; (void)extra;
-  using namespace wq;
-  if (nparam != 2 && nparam != 3) return 1;
-  const int out = nparam - 1;
-  if (ndims[0] != 2 || std::strcmp(dtypes[out], "float32") != 0) return 2;
-  const int64_t N = shapes[0][0], K = shapes[0][1];
-  const float *scale = nparam == 3 ? (const float *)params[1] : nullptr;
-  float *o = (float *)params[out];
-  const char *wt = dtypes[0];
-  if (!std::strcmp(wt, "float16")) dequant((const f16_t *)params[0], scale, o, N, K);
-  else if (!std::strcmp(wt, "bfloat16")) dequant((const bf16_t *)params[0], scale, o, N, K);
-  else if (!std::strcmp(wt, "int8")) dequant((const int8_t *)params[0], scale, o, N, K);
-  else return 6;
-  return 0;
-}
-
-// ---- Optional C++ shape/type inference (used by MindSpore when out_shape/out_dtype are None; needed for
-// dynamic-shape graphs and for MINDIR files with dynamic dims loaded in a fresh process).
-// Signatures per the MindSpore aot docs: FuncNameInferShape / FuncNameInferType.  AotExtra is only passed
-// through, so an opaque declaration is enough (no MindSpore header needed).
-struct AotExtra;
-enum WqTypeId : int {};
-std::vector<int64_t> WqLinearInferShape(int *ndims, int64_t **shapes, AotExtra *extra) {
-  (void)extra;
-  if (ndims[0] < 1 || shapes[0][0] == -2) return std::vector<int64_t>{-2};   // dynamic rank stays dynamic
-  std::vector<int64_t> out(shapes[0], shapes[0] + ndims[0]);
-  out.back() = shapes[1][0];
-  return out;
-}
-WqTypeId WqLinearInferType(std::vector<WqTypeId> type_ids, AotExtra *extra) { (void)extra; return type_ids[0]; }  // = x dtype (float32)
-std::vector<int64_t> WqDequantInferShape(int *ndims, int64_t **shapes, AotExtra *extra) {
-  (void)extra;
-  return std::vector<int64_t>(shapes[0], shapes[0] + ndims[0]);
-}
-
-// For diagnostics: which code path was selected (0 generic, 1 avx2, 2 avx512).
-int WqIsa() { return wq::isa(); }
 
 }  // extern "C"
