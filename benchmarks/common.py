@@ -7,6 +7,7 @@ import os
 import platform
 import resource
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -171,3 +172,34 @@ def markdown_table(sections: List[Section]):
             lines.append(f"| {section.name} | {row.name} | {_fmt(row.value)} | {_fmt(row.minimum)} | {row.unit} "
                          f"| {reps} | {row.notes} |")
     return lines
+
+
+class AnonPeak:
+    """Peak RssAnon / VmHWM of a process, sampled from /proc/<pid>/status every `interval` seconds."""
+
+    def __init__(self, pid, interval=0.05):
+        self.pid, self.interval = pid, interval
+        self.rss_anon = self.hwm = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self):
+        try:
+            with open(f"/proc/{self.pid}/status", encoding="utf-8") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            return
+        kb = lambda key: int(fields.get(key, "0 kB").split()[0]) * 1024  # noqa: E731
+        self.rss_anon = max(self.rss_anon, kb("RssAnon"))
+        self.hwm = max(self.hwm, kb("VmHWM"))
+
+    def _run(self):
+        while not self._stop.is_set():
+            self._sample()
+            time.sleep(self.interval)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+        return self

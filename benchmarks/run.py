@@ -33,6 +33,8 @@ SECTIONS = {
     "export_lite": "benchmarks.sections.export_lite",
     "convert_full": "benchmarks.sections.convert_full",
     "finetune_step": "benchmarks.sections.finetune_step",
+    "precision_decode": "benchmarks.sections.precision_decode",
+    "full_size_infer": "benchmarks.sections.full_size_infer",
 }
 
 

@@ -36,6 +36,8 @@ CHAT_ROWS = (
     + [f"{ratio}, batch {b}" for b in CHAT_BATCHES for ratio in
        ("MS / PT image encoding", "MS / PT time to first token", "PT / MS decode tokens/s")]
 )
+FULL_SIZE_ROWS = [f"VisualGLM {dtype}: {what}" for dtype in ("float16", "int8")
+                  for what in ("peak RSS (VmHWM)", "model load", "time to first token", "decode")]
 
 
 def table_rows(text, section="llm_decode"):
@@ -65,7 +67,8 @@ def test_quick_benchmark_prints_the_table(tmp_path):
     for name in EXPECTED_ROWS:
         float(rows[name][2])  # every median is a number
     assert table_rows(report.read_text(encoding="utf-8")) == rows  # --output holds the same table
-    for section, expected in (("image_encoding", IMAGE_ROWS), ("chat_inference", CHAT_ROWS)):
+    for section, expected in (("image_encoding", IMAGE_ROWS), ("chat_inference", CHAT_ROWS),
+                              ("full_size_infer", FULL_SIZE_ROWS)):
         section_rows = table_rows(out, section)
         missing = [name for name in expected if name not in section_rows]
         assert not missing, f"{section} rows missing from the table: {missing}\n{out}"

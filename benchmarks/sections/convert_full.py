@@ -19,14 +19,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import Row, Section, Settings
+from benchmarks.common import AnonPeak, Row, Section, Settings
 
 TITLE = "convert_weight.py on a full-size random VisualGLM SAT checkpoint (fp16): time, MB/s, peak memory"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -84,37 +83,6 @@ def map_entries(config):
 
 def nbytes(shape, dtype):
     return math.prod(shape) * dtype.itemsize
-
-
-class AnonPeak:
-    """Peak RssAnon / VmHWM of a process, sampled from /proc/<pid>/status every `interval` seconds."""
-
-    def __init__(self, pid, interval=0.05):
-        self.pid, self.interval = pid, interval
-        self.rss_anon = self.hwm = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _sample(self):
-        try:
-            with open(f"/proc/{self.pid}/status", encoding="utf-8") as f:
-                fields = dict(line.split(":", 1) for line in f if ":" in line)
-        except OSError:
-            return
-        kb = lambda key: int(fields.get(key, "0 kB").split()[0]) * 1024  # noqa: E731
-        self.rss_anon = max(self.rss_anon, kb("RssAnon"))
-        self.hwm = max(self.hwm, kb("VmHWM"))
-
-    def _run(self):
-        while not self._stop.is_set():
-            self._sample()
-            time.sleep(self.interval)
-
-    def stop(self):
-        self._stop.set()
-        self._thread.join()
-        return self
 
 
 def write_random_sat(folder, entries, config):

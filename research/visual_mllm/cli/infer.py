@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import os
 import sys
+import time
 
 from ..dtypes import AUTO, DTYPE_NAMES
 from ..paths import DEFAULT_CONFIG, REPO_ROOT
@@ -73,7 +74,8 @@ def build_parser():
     p.add_argument("--stream", type=str2bool, default=None,
                    help="print tokens as they come (default: on a terminal); batches of one request only")
     p.add_argument("--timings", action="store_true",
-                   help="print image encoding time, time to first token and tokens/s of every request")
+                   help="print the model's load time, and image encoding time, time to first token and tokens/s "
+                        "of every request")
     add_device_args(p)
     return p
 
@@ -178,8 +180,8 @@ def describe(fields):
 
 
 def format_timings(timings):
-    def show(value, unit):
-        return "-" if value is None else f"{value:.1f} {unit}"
+    def show(value, unit):  # 3 significant digits: a real-size model on a CPU decodes < 1 token/s
+        return "-" if value is None else f"{value:.1f} {unit}" if value >= 100 else f"{value:.3g} {unit}"
 
     return (f"timings: image encoding {show(timings.image_encode_ms, 'ms')}, first token "
             f"{show(timings.first_token_ms, 'ms')}, {show(timings.decode_tokens_per_s, 'tokens/s')} "
@@ -218,7 +220,10 @@ def main(argv=None):
         from ..chat import ChatSession
         from ..request_file import result_record, write_record
 
+        start = time.perf_counter()
         model, processor = load_model(args)
+        if args.timings:
+            print(f"timings: model loaded in {time.perf_counter() - start:.1f} s")
         from ..families import family_of
 
         gen = generation_config(args, family_of(model.config), model.config.llm_config.eos_token_id)
