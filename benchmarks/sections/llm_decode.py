@@ -192,7 +192,7 @@ def run_torch(model, settings, bodies):
                 return model(input_ids=ids, use_cache=True, logits_to_keep=1).logits
 
             results[("prefill", n)] = time_call(run_prefill, settings.slow_reps, settings.warmup)
-            logits[("prefill", n)] = run_prefill()[0, -1].numpy()
+            logits[("prefill", n)] = run_prefill()[0, -1].float().numpy()
 
             cache = model(input_ids=ids[:, :n - 1], use_cache=True, logits_to_keep=1).past_key_values
             token = ids[:, n - 1:]
@@ -203,7 +203,7 @@ def run_torch(model, settings, bodies):
             results[("decode", n)] = time_call(run_decode, settings.reps, settings.warmup,
                                                before_each=lambda: cache.crop(n - 1))
             cache.crop(n - 1)
-            logits[("decode", n)] = run_decode()[0, -1].numpy()
+            logits[("decode", n)] = run_decode()[0, -1].float().numpy()
     return results, logits
 
 
