@@ -7,6 +7,7 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -203,3 +204,16 @@ class AnonPeak:
         self._stop.set()
         self._thread.join()
         return self
+
+
+def run_child(command, work, name):
+    """(exit status, stdout, stderr, seconds, AnonPeak) of a child process run in `work`."""
+    env = dict(os.environ, LOCAL_DEFAULT_PATH=str(work / "log"))
+    with open(work / f"{name}.out", "w") as out, open(work / f"{name}.err", "w") as err:
+        start = time.perf_counter()
+        child = subprocess.Popen(command, cwd=work, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+        peak = AnonPeak(child.pid)
+        status = child.wait()
+        seconds = time.perf_counter() - start
+        peak.stop()
+    return status, (work / f"{name}.out").read_text(), (work / f"{name}.err").read_text(), seconds, peak

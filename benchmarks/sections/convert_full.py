@@ -16,7 +16,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import AnonPeak, Row, Section, Settings
+from benchmarks.common import AnonPeak, Row, Section, Settings, run_child
 
 TITLE = "convert_weight.py on a full-size random VisualGLM SAT checkpoint (fp16): time, MB/s, peak memory"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -134,19 +133,11 @@ def run(settings: Settings) -> Section:
         pt, largest = write_random_sat(work / "visualglm-6b", entries, config)
         write_s = time.perf_counter() - start
         own.stop()
-        env = dict(os.environ, LOCAL_DEFAULT_PATH=str(work / "log"))
         command = [sys.executable, str(REPO_ROOT / "convert_weight.py"), "--torch_path", str(work / "visualglm-6b"),
                    "--output_dir", str(work / "out")]
-        with open(work / "stdout.txt", "w") as out, open(work / "stderr.txt", "w") as err:
-            start = time.perf_counter()
-            child = subprocess.Popen(command, cwd=work, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
-            peak = AnonPeak(child.pid)
-            status = child.wait()
-            convert_s = time.perf_counter() - start
-            peak.stop()
-        stdout = (work / "stdout.txt").read_text()
+        status, stdout, stderr, convert_s, peak = run_child(command, work, "convert")
         if status != 0:
-            raise RuntimeError(f"convert_weight.py exited {status}: {(work / 'stderr.txt').read_text()[-2000:]}")
+            raise RuntimeError(f"convert_weight.py exited {status}: {stderr[-2000:]}")
         own_timer = re.search(r"in ([\d.]+) s \((\d+) MB/s\)", stdout)
         written = sum(p.stat().st_size for p in (work / "out").iterdir())
     finally:

@@ -17,7 +17,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from benchmarks.common import AnonPeak, Row, Section, Settings
+from benchmarks.common import Row, Section, Settings, run_child
 from benchmarks.sections.convert_full import (FULL_YAML, QUICK_YAML, fixtures_root, map_entries, model_config,
                                               nbytes, table_entries, write_random_sat)
 
@@ -35,12 +34,14 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 IMAGE = REPO_ROOT / "examples" / "images" / "chelsea.png"
 SEQ_LENGTH = 512  # the KV cache holds this many positions (the YAMLs' 2048 would add ~1.4 GB to VisualGLM)
 NEW_TOKENS = 12  # the first decode step compiles its graph: part of "decode" (about a step's time here)
-# family -> (real-size YAML, tokenizer file that fits its special ids, question)
+# family -> (real-size YAML, the tiny YAML whose special ids fit the packaged tokenizer, that tokenizer, question)
 BLIP2_FAMILIES = {
     "minigpt4": (REPO_ROOT / "configs" / "minigpt4_vicuna_7b" / "run_minigpt4_vicuna_7b.yaml",
+                 REPO_ROOT / "configs" / "minigpt4_tiny" / "run_minigpt4_tiny.yaml",
                  REPO_ROOT / "research" / "visual_mllm" / "assets" / "vicuna_tiny" / "tokenizer.model",
                  "Describe this image in detail."),
     "minigpt4qwen": (REPO_ROOT / "configs" / "minigpt4qwen_7b" / "run_minigpt4qwen_7b.yaml",
+                     REPO_ROOT / "configs" / "minigpt4qwen_tiny" / "run_minigpt4qwen_tiny.yaml",
                      REPO_ROOT / "research" / "visual_mllm" / "assets" / "qwen_tiny" / "qwen.tiktoken",
                      "Describe this image in detail."),
 }
@@ -58,19 +59,6 @@ def chosen_families(quick):
     if unknown:
         raise ValueError(f"VISUAL_MLLM_FULL_SIZE_FAMILIES: unknown {sorted(unknown)} (of {', '.join(FAMILY_ORDER)})")
     return chosen
-
-
-def run_child(command, work, name):
-    """(exit status, stdout, stderr, seconds, AnonPeak) of a child process run in `work`."""
-    env = dict(os.environ, LOCAL_DEFAULT_PATH=str(work / "log"))
-    with open(work / f"{name}.out", "w") as out, open(work / f"{name}.err", "w") as err:
-        start = time.perf_counter()
-        child = subprocess.Popen(command, cwd=work, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
-        peak = AnonPeak(child.pid)
-        status = child.wait()
-        seconds = time.perf_counter() - start
-        peak.stop()
-    return status, (work / f"{name}.out").read_text(), (work / f"{name}.err").read_text(), seconds, peak
 
 
 def checked(result, what):
@@ -153,9 +141,15 @@ def pool_tensors(pool, shapes):
             for name, shape in shapes.items()}
 
 
-def write_random_mindspore(folder, family_name, yaml_path, vocab_file):
-    """Random float16 split checkpoints of a real-size run YAML and the YAML that loads them; returns
-    (YAML path, parameters, bytes)."""
+def special_ids(config):
+    """The special ids of a model config section: the image placeholder and the LLM's *_token_id."""
+    ids = {"image_placeholder": config["image_placeholder"]} if "image_placeholder" in config else {}
+    return ids, {key: value for key, value in config["llm_config"].items() if key.endswith("_token_id")}
+
+
+def write_random_mindspore(folder, family_name, yaml_path, ids_yaml, vocab_file):
+    """Random float16 split checkpoints of a real-size run YAML and the YAML that loads them (special ids
+    from `ids_yaml`, whose tokenizer is `vocab_file`); returns (YAML path, parameters, bytes)."""
     from visual_mllm import families
     from visual_mllm.convert.job import model_parameters, part_files
     from visual_mllm.convert.writers import CkptWriter, OutputFiles
@@ -177,6 +171,9 @@ def write_random_mindspore(folder, family_name, yaml_path, vocab_file):
                     .astype(np.float16).tobytes())
     names = part_files(family.model_class)
     data = yaml.safe_load(Path(yaml_path).read_text())
+    model_ids, llm_ids = special_ids(yaml.safe_load(Path(ids_yaml).read_text())["model"]["model_config"])
+    data["model"]["model_config"].update(model_ids)
+    data["model"]["model_config"]["llm_config"].update(llm_ids)
     with OutputFiles() as outputs:
         for part, prefixes in SPLIT_PARTS.items():
             part_shapes = {name: shape for name, shape in shapes.items() if name.startswith(prefixes)}
@@ -196,9 +193,9 @@ def write_random_mindspore(folder, family_name, yaml_path, vocab_file):
 
 
 def blip2_rows(work, family_name):
-    yaml_path, vocab, prompt = BLIP2_FAMILIES[family_name]
+    yaml_path, ids_yaml, vocab, prompt = BLIP2_FAMILIES[family_name]
     start = time.perf_counter()
-    run_yaml, params, written = write_random_mindspore(work / family_name, family_name, yaml_path, vocab)
+    run_yaml, params, written = write_random_mindspore(work / family_name, family_name, yaml_path, ids_yaml, vocab)
     label = {"minigpt4": "MiniGPT-4 (Vicuna-7B)", "minigpt4qwen": "MiniGPT4Qwen (Qwen-7B)"}[family_name]
     rows = [Row(f"{label}: write random float16 checkpoints", time.perf_counter() - start, "s",
                 notes=f"{params / 1e9:.2f} B parameters, {written / GB:.2f} GB (not part of a user's run)")]
