@@ -109,19 +109,22 @@ def write_random_sat(folder, entries, config):
     return folder / "1" / "mp_rank_00_model_states.pt", largest
 
 
+def sat_entries(quick):
+    """(config, [(SAT key, shape, dtype)], what) of the random SAT release: VisualGLM-6B's shape table, or
+    with `quick` the tiny VisualGLM's keys from the SAT key map (no fixture needed)."""
+    if quick:
+        config = model_config(QUICK_YAML)
+        return config, map_entries(config), "tiny VisualGLM (configs/visualglm_tiny), keys from the SAT key map"
+    table = fixtures_root() / "shapes" / "visualglm_full_shapes.tsv"
+    if not table.is_file():
+        raise FileNotFoundError(f"{table} not found (set VISUAL_MLLM_FIXTURES to the shared/fixtures folder)")
+    return (model_config(FULL_YAML), table_entries(table),
+            f"VisualGLM-6B sizes (configs/visualglm_6b), keys and shapes from {table.name}")
+
+
 def run(settings: Settings) -> Section:
     section = Section("convert_full")
-    if settings.quick:
-        config = model_config(QUICK_YAML)
-        entries = map_entries(config)
-        what = "tiny VisualGLM (configs/visualglm_tiny), keys from the SAT key map"
-    else:
-        table = fixtures_root() / "shapes" / "visualglm_full_shapes.tsv"
-        if not table.is_file():
-            raise FileNotFoundError(f"{table} not found (set VISUAL_MLLM_FIXTURES to the shared/fixtures folder)")
-        config = model_config(FULL_YAML)
-        entries = table_entries(table)
-        what = f"VisualGLM-6B sizes (configs/visualglm_6b), keys and shapes from {table.name}"
+    config, entries, what = sat_entries(settings.quick)
     total = sum(nbytes(shape, dtype) for _, shape, dtype in entries)
     work = Path(tempfile.mkdtemp(prefix="visual_mllm_convert_bench_"))
     try:

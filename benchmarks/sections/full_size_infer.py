@@ -26,8 +26,7 @@ import numpy as np
 import yaml
 
 from benchmarks.common import Row, Section, Settings, run_child
-from benchmarks.sections.convert_full import (FULL_YAML, QUICK_YAML, fixtures_root, map_entries, model_config,
-                                              nbytes, table_entries, write_random_sat)
+from benchmarks.sections.convert_full import nbytes, sat_entries, write_random_sat
 
 TITLE = "Real-size models: run_infer.py in float16 storage and int8 (load time, peak RSS, first token, s/token)"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -103,15 +102,7 @@ def answer(yaml_path, work, label, prompt, extra=()):
 
 def visualglm_rows(work, quick):
     """VisualGLM: random SAT release -> convert_weight.py (float16; --quantize int8) -> run_infer.py each."""
-    if quick:
-        config = model_config(QUICK_YAML)
-        entries = map_entries(config)
-    else:
-        table = fixtures_root() / "shapes" / "visualglm_full_shapes.tsv"
-        if not table.is_file():
-            raise FileNotFoundError(f"{table} not found (set VISUAL_MLLM_FIXTURES to the shared/fixtures folder)")
-        config = model_config(FULL_YAML)
-        entries = table_entries(table)
+    config, entries, _ = sat_entries(quick)
     total = sum(nbytes(shape, dtype) for _, shape, dtype in entries)
     free = shutil.disk_usage(work).free
     if free < 2.9 * total:
