@@ -6,10 +6,12 @@ whatever the weight dtype.
 
 Precision: a tower's Linear and Embedding weights are stored in its `param_dtype` and used in its
 `compute_dtype` (`Precision`); with float16/bfloat16 storage and float32 compute (the CPU setting) the
-weights take half the memory and are widened inside the graph where they are used, so the numbers
-are those of float32 compute on the stored values. Norm weights stay float32. With `quantize: int8`
-a tower's Linear layers hold weight-only int8 (W8A16): `weight` int8 [out, in] and a float32
-`weight_scale` [out] per output channel (symmetric), dequantised in the graph where they are used.
+weights take half the memory and the numbers are those of float32 compute on the stored values. Norm
+weights stay float32. With `quantize: int8` a tower's Linear layers hold weight-only int8 (W8A16):
+`weight` int8 [out, in] and a float32 `weight_scale` [out] per output channel (symmetric).
+How a stored weight meets float32 activations: at CPU inference the `cpu_kernels` matmul reads it as
+stored; in training and in exported graphs (`portable_graphs`) it is widened (and dequantised) inside
+the graph where it is used; on Ascend, int8 goes through WeightQuantBatchMatmul.
 """
 import contextlib
 import math
