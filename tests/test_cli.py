@@ -115,3 +115,15 @@ def test_sampling_defaults_come_from_the_family_and_greedy_is_plain(family):
     assert (greedy.do_sample, greedy.repetition_penalty) == (False, 1.0)  # no demo penalty when greedy
     given = generation_config(build_parser().parse_args(["--do_sample", "True", "--top_p", "0.3"]), get(family), 7)
     assert given.do_sample and given.top_p == 0.3
+
+
+def test_boolean_flags_take_the_bare_form_and_a_value():
+    from visual_mllm.cli.infer import build_parser
+
+    parse = build_parser().parse_args
+    assert parse([]).english is False and parse([]).do_sample is None
+    args = parse(["--english", "--do_sample", "--use_past", "false", "--stream", "0", "--graph_mode"])
+    assert (args.english, args.do_sample, args.use_past, args.stream, args.graph_mode) == (True, True, False, False, True)
+    assert parse(["--english", "True", "--do_sample", "no"]).english is True
+    with pytest.raises(SystemExit):
+        parse(["--english", "maybe"])

@@ -15,11 +15,15 @@ def str2bool(value):
     raise ValueError(f"expected True or False, got {value!r}")
 
 
+def add_bool_flag(parser, flag, **kwargs):
+    """A true/false flag read as people type it: `--flag` (true), `--flag True`, `--flag false`, `--flag 0`."""
+    parser.add_argument(flag, type=str2bool, nargs="?", const=True, metavar="BOOL", **kwargs)
+
+
 def add_device_args(parser):
     parser.add_argument("--device_target", default="CPU", choices=["CPU", "Ascend", "GPU"])
     parser.add_argument("--device_id", type=int, default=0)
-    parser.add_argument("--graph_mode", type=str2bool, default=True,
-                        help="graph mode (compiled); False = PyNative, for debugging")
+    add_bool_flag(parser, "--graph_mode", default=True, help="graph mode (compiled); False = PyNative, for debugging")
 
 
 def set_device(args):

@@ -18,7 +18,7 @@ import argparse
 import os
 
 from ..paths import DEMO_LORA_CONFIG as DEFAULT_CONFIG
-from .common import fail_cleanly, set_device, str2bool
+from .common import add_bool_flag, fail_cleanly, set_device
 
 
 
@@ -42,11 +42,11 @@ def build_parser():
                    help="also fold LoRA into the base weights and write merged/ split checkpoints + YAML")
     p.add_argument("--lora_checkpoint", default=None, help="with --merge: merge this LoRA checkpoint, no training")
     p.add_argument("--validate_only", action="store_true", help="check the dataset, report bad rows and exit")
-    p.add_argument("--progress", type=str2bool, default=None, help="progress bar (default: on)")
+    add_bool_flag(p, "--progress", default=None, help="progress bar (default: on)")
     p.add_argument("--device_target", default="CPU", choices=["CPU", "Ascend", "GPU"])
     p.add_argument("--device_id", type=int, default=None, help="device (default: $DEVICE_ID or 0)")
-    p.add_argument("--graph_mode", type=str2bool, default=True,
-                   help="compile the train step (graph mode); False = PyNative, for debugging")
+    add_bool_flag(p, "--graph_mode", default=True,
+                  help="compile the train step (graph mode); False = PyNative, for debugging")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU kernel threads of this process (default: MindSpore's); with several workers on "
                         "one CPU host, e.g. cores / workers")

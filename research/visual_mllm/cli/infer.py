@@ -18,7 +18,7 @@ import time
 
 from ..dtypes import AUTO, DTYPE_NAMES
 from ..paths import DEFAULT_CONFIG, REPO_ROOT
-from .common import add_device_args, fail_cleanly, load_yaml_model, set_device, str2bool
+from .common import add_bool_flag, add_device_args, fail_cleanly, load_yaml_model, set_device
 
 DEFAULT_IMAGE = os.path.join(REPO_ROOT, "examples", "images", "chelsea.png")
 DEFAULT_PROMPT = "描述这张图片。"
@@ -44,10 +44,10 @@ def build_parser():
     p.add_argument("--output_file", help="write one JSONL record per request (request fields + response, "
                    "generated_ids, timings), in input order")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat (--image_path: first image)")
-    p.add_argument("--english", type=str2bool, default=False,
-                   help="English prompt format (Q:/A:); the default of JSONL lines without \"english\"")
+    add_bool_flag(p, "--english", default=False,
+                  help="English prompt format (Q:/A:); the default of JSONL lines without \"english\"")
     p.add_argument("--batch_size", type=int, default=1, help="requests generated together")
-    p.add_argument("--use_past", type=str2bool, default=None, help="KV cache (default: the YAML's use_past)")
+    add_bool_flag(p, "--use_past", default=None, help="KV cache (default: the YAML's use_past)")
     p.add_argument("--seq_length", type=int, default=None, help="context length (default: the YAML's)")
     p.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
                    help="hold every tower's Linear and Embedding weights in this dtype (default: the YAML's "
@@ -62,17 +62,17 @@ def build_parser():
                    help="LoRA weights (run_finetune.py) to load on top of the model; the demo config uses the "
                         "packaged demo LoRA unless this is 'none'")
     p.add_argument("--max_new_tokens", type=int, default=64)
-    p.add_argument("--do_sample", type=str2bool, default=None,
-                   help="sample (True) or decode greedily (False); default: the family's reference demo "
-                        "(VisualGLM and MiniGPT-4 sample, MiniGPT4Qwen's cli_demo is greedy)")
+    add_bool_flag(p, "--do_sample", default=None,
+                  help="sample (True) or decode greedily (False); default: the family's reference demo "
+                       "(VisualGLM and MiniGPT-4 sample, MiniGPT4Qwen's cli_demo is greedy)")
     p.add_argument("--top_k", type=int, default=None, help="default: the family's demo (VisualGLM 100)")
     p.add_argument("--top_p", type=float, default=None, help="default: the family's demo (VisualGLM 0.4)")
     p.add_argument("--temperature", type=float, default=None, help="default: the family's demo (VisualGLM 0.8)")
     p.add_argument("--repetition_penalty", type=float, default=None,
                    help="default: the family's demo when sampling (VisualGLM 1.2), 1.0 (off) when greedy")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
-    p.add_argument("--stream", type=str2bool, default=None,
-                   help="print tokens as they come (default: on a terminal); batches of one request only")
+    add_bool_flag(p, "--stream", default=None,
+                  help="print tokens as they come (default: on a terminal); batches of one request only")
     p.add_argument("--timings", action="store_true",
                    help="print the model's load time, and image encoding time, time to first token and tokens/s "
                         "of every request")
