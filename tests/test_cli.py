@@ -19,11 +19,48 @@ def run(tmp_path, *args):
                           text=True, timeout=600, stdin=subprocess.DEVNULL)
 
 
-def test_demo_answers_the_example_image(tmp_path):
-    result = run(tmp_path, "--max_new_tokens", "8")
+FRAMEWORK_SETTINGS = ("LOCAL_DEFAULT_PATH", "LOG_MF_PATH", "MS_OM_PATH", "GLOG_v", "VISUAL_MLLM_VERBOSE")
+
+
+def as_a_newcomer(script, *args, folder, cache):
+    """`python SCRIPT ARGS` run from an empty `folder` with none of the frameworks' log settings."""
+    env = {k: v for k, v in os.environ.items() if k not in FRAMEWORK_SETTINGS}
+    env["VISUAL_MLLM_CACHE"] = str(cache)
+    folder.mkdir(exist_ok=True)
+    return subprocess.run([sys.executable, os.path.join(REPO_ROOT, script), *args], cwd=folder, env=env,
+                          capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The README's first command after the install: `python run_infer.py`, from an empty folder."""
+    base = tmp_path_factory.mktemp("demo")
+    result = as_a_newcomer("run_infer.py", folder=base / "work", cache=base / "cache")
+    return result, base
+
+
+def test_demo_prints_its_request_and_answer_only_and_leaves_the_folder_empty(demo_run):
+    result, base = demo_run
     assert result.returncode == 0, result.stderr
-    assert "chelsea.png" in result.stdout
-    assert "answer:" in result.stdout
+    # 2 lines: the request, then the answer (before issue 13: 8 mindformers warnings on stdout, 43
+    # MindSpore deprecation notices on stderr, and output/log/rank_0/{info,error}.log in the folder)
+    assert result.stdout.splitlines() == [
+        f"[image: {os.path.join(REPO_ROOT, 'examples', 'images', 'chelsea.png')}] 描述这张图片。",
+        "answer: 一只虎斑猫正看着镜头，它有一双绿色的眼睛。"]
+    assert result.stderr == ""
+    assert os.listdir(base / "work") == []
+
+
+def test_help_and_a_bad_flag_leave_the_folder_empty(tmp_path):
+    helped = as_a_newcomer("export_lite_model.py", "--help", folder=tmp_path / "work", cache=tmp_path / "cache")
+    assert helped.returncode == 0 and "--verbose" in helped.stdout and helped.stderr == ""
+    failed = as_a_newcomer("run_infer.py", "--image_path", "nope.png", "--verbose", folder=tmp_path / "work",
+                           cache=tmp_path / "cache")
+    assert failed.returncode == 2
+    assert "Traceback" in failed.stderr  # --verbose: the traceback, then the one line
+    assert failed.stderr.splitlines()[-1] == ("error: request 1 (--image_path/--prompt): image file not found: "
+                                              "./nope.png")
+    assert os.listdir(tmp_path / "work") == []
 
 
 def test_text_only_and_several_requests_in_one_batch(tmp_path):

@@ -1,6 +1,8 @@
 """Where things are (a leaf module: it imports nothing of the package).
 
 PACKAGE_DIR / ASSETS_DIR: the installed package and the data it ships (tiny tokenizers, the demo LoRA).
+cache_dir(): the per-user cache ($VISUAL_MLLM_CACHE, default ~/.cache/visual_mllm): built CPU kernels, the
+    demo LoRA when it is not packaged, framework logs, MindSpore's compile cache.
 REPO_ROOT: the source checkout the package was installed from in editable mode (`pip install -e .`),
     or $VISUAL_MLLM_HOME; the run YAMLs under configs/ and the examples live there.
 """
@@ -14,3 +16,7 @@ CONFIGS_DIR = os.path.join(REPO_ROOT, "configs")
 DEFAULT_CONFIG = os.path.join(CONFIGS_DIR, "visualglm_tiny", "run_visualglm_tiny.yaml")
 # the LoRA finetune of the demo model (configs/visualglm_tiny/lora.yaml): run_finetune.py's default
 DEMO_LORA_CONFIG = os.path.join(CONFIGS_DIR, "visualglm_tiny", "lora.yaml")
+
+
+def cache_dir():
+    return os.environ.get("VISUAL_MLLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "visual_mllm")

@@ -2,7 +2,9 @@
 import functools
 import os
 import sys
+import traceback
 
+from .. import quiet
 from ..paths import DEFAULT_CONFIG
 
 
@@ -33,14 +35,28 @@ def set_device(args):
     ms.set_device(args.device_target, args.device_id)
 
 
+def parse_command_line(parser, argv):
+    """parser's arguments plus --verbose, which keeps the frameworks' messages (see visual_mllm.quiet)."""
+    parser.add_argument("--verbose", action="store_true",
+                        help="keep MindSpore's and mindformers' messages and print the traceback of an error "
+                             f"(${quiet.VERBOSE_ENV}=1 also keeps those printed while they are imported)")
+    args = parser.parse_args(argv)
+    if args.verbose:
+        quiet.verbose()
+    return args
+
+
 def fail_cleanly(main):
-    """Turn the errors a user can cause into one 'error: ...' line and exit status 2."""
+    """Turn the errors a user can cause into one 'error: ...' line and exit status 2 (after the traceback,
+    with --verbose or $VISUAL_MLLM_VERBOSE=1)."""
 
     @functools.wraps(main)
     def wrapper(argv=None):
         try:
             return main(argv)
         except (ValueError, FileNotFoundError, OSError, KeyError) as err:
+            if quiet.verbose_requested():
+                traceback.print_exc()
             print(f"error: {err}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:

@@ -8,7 +8,8 @@ Run the result with `run_infer.py --mode lite --export_dir DIR` (add `--ge_confi
 """
 import argparse
 
-from .common import DEFAULT_CONFIG, add_bool_flag, add_device_args, fail_cleanly, load_yaml_model, set_device
+from .common import (DEFAULT_CONFIG, add_bool_flag, add_device_args, fail_cleanly, load_yaml_model,
+                     parse_command_line, set_device)
 
 
 def build_parser():
@@ -30,7 +31,7 @@ def build_parser():
 
 @fail_cleanly
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(build_parser(), argv)
     set_device(args)
     from .. import read_run_config
     from ..export.exporter import export_model

@@ -18,7 +18,8 @@ import time
 
 from ..dtypes import AUTO, DTYPE_NAMES
 from ..paths import DEFAULT_CONFIG, REPO_ROOT
-from .common import add_bool_flag, add_device_args, fail_cleanly, load_yaml_model, set_device
+from .common import (add_bool_flag, add_device_args, fail_cleanly, load_yaml_model, parse_command_line,
+                     set_device)
 
 DEFAULT_IMAGE = os.path.join(REPO_ROOT, "examples", "images", "chelsea.png")
 DEFAULT_PROMPT = "描述这张图片。"
@@ -211,7 +212,7 @@ def answer_all(args, run, inputs, stream, report):
 
 @fail_cleanly
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(build_parser(), argv)
     check_args(args)
     inputs = [] if args.chat else requests_from_args(args)  # before the model: input errors come at once
     with contextlib.ExitStack() as stack:
