@@ -36,6 +36,8 @@ CHAT_ROWS = (
     + [f"{ratio}, batch {b}" for b in CHAT_BATCHES for ratio in
        ("MS / PT image encoding", "MS / PT time to first token", "PT / MS decode tokens/s")]
 )
+DEMO_ROWS = ["demo wall time, compile cache off", "demo wall time, compile cache, first run",
+             "demo wall time, compile cache, second run", "demo first / second run"]
 FULL_SIZE_ROWS = [f"VisualGLM {dtype}: {what}" for dtype in ("float16", "int8")
                   for what in ("peak RSS (VmHWM)", "model load", "time to first token", "decode")]
 
@@ -68,7 +70,7 @@ def test_quick_benchmark_prints_the_table(tmp_path):
         float(rows[name][2])  # every median is a number
     assert table_rows(report.read_text(encoding="utf-8")) == rows  # --output holds the same table
     for section, expected in (("image_encoding", IMAGE_ROWS), ("chat_inference", CHAT_ROWS),
-                              ("full_size_infer", FULL_SIZE_ROWS)):
+                              ("full_size_infer", FULL_SIZE_ROWS), ("demo_run", DEMO_ROWS)):
         section_rows = table_rows(out, section)
         missing = [name for name in expected if name not in section_rows]
         assert not missing, f"{section} rows missing from the table: {missing}\n{out}"

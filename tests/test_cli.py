@@ -3,6 +3,7 @@
 answers of a converted model against the reference."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -164,3 +165,17 @@ def test_boolean_flags_take_the_bare_form_and_a_value():
     assert parse(["--english", "True", "--do_sample", "no"]).english is True
     with pytest.raises(SystemExit):
         parse(["--english", "maybe"])
+
+
+def test_the_same_request_again_loads_every_graph_from_the_compile_cache(demo_run):
+    first, base = demo_run
+    again = as_a_newcomer("run_infer.py", "--timings", folder=base / "work", cache=base / "cache")
+    assert again.returncode == 0, again.stderr
+    timings = [line for line in again.stdout.splitlines() if line.startswith("timings:")]
+    print("\n".join(timings))
+    cache_line = next(line for line in timings if "compile cache" in line)
+    found = re.search(r": 0 graph\(s\) compiled and saved, (\d+) found there$", cache_line)
+    assert found and int(found.group(1)) >= 3, cache_line  # the image encoder, embedding, prefill, decode
+    assert [line for line in again.stdout.splitlines() if line.startswith("answer:")] == \
+        [line for line in first.stdout.splitlines() if line.startswith("answer:")]
+    assert os.listdir(base / "work") == []

@@ -28,6 +28,12 @@ def add_device_args(parser):
     add_bool_flag(parser, "--graph_mode", default=True, help="graph mode (compiled); False = PyNative, for debugging")
 
 
+def add_compile_cache_flag(parser):
+    parser.add_argument("--no_compile_cache", dest="compile_cache", action="store_false",
+                        help="compile every graph anew instead of loading it from the per-user compile cache "
+                             "(where the first run of the same command saves them; see visual_mllm.compile_cache)")
+
+
 def set_device(args):
     import mindspore as ms
 

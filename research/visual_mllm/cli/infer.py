@@ -16,10 +16,11 @@ import os
 import sys
 import time
 
+from ..compile_cache import cached_graphs, enable as enable_compile_cache
 from ..dtypes import AUTO, DTYPE_NAMES
 from ..paths import DEFAULT_CONFIG, REPO_ROOT
-from .common import (add_bool_flag, add_device_args, fail_cleanly, load_yaml_model, parse_command_line,
-                     set_device)
+from .common import (add_bool_flag, add_compile_cache_flag, add_device_args, fail_cleanly, load_yaml_model,
+                     parse_command_line, set_device)
 
 DEFAULT_IMAGE = os.path.join(REPO_ROOT, "examples", "images", "chelsea.png")
 DEFAULT_PROMPT = "描述这张图片。"
@@ -77,6 +78,7 @@ def build_parser():
     p.add_argument("--timings", action="store_true",
                    help="print the model's load time, and image encoding time, time to first token and tokens/s "
                         "of every request")
+    add_compile_cache_flag(p)
     add_device_args(p)
     return p
 
@@ -158,6 +160,22 @@ def load_model(args):
     return load_yaml_model(args.config, args.lora_checkpoint, **overrides)
 
 
+def use_compile_cache(args, model, inputs, gen):
+    """Turn on the compile cache for a run that answers `inputs` (its folder, or None: off, --chat, whose
+    graphs follow the conversation, lite mode, which compiles nothing of its own, PyNative)."""
+    if not args.compile_cache or args.chat or args.mode == "lite" or not args.graph_mode:
+        return None
+    return enable_compile_cache({"mode": args.mode, "model": model.config.to_dict(), "batch_size": args.batch_size,
+                                 "generation": gen, "requests": [fields for fields, _ in inputs],
+                                 "device": args.device_target})
+
+
+def report_compile_cache(folder, before):
+    after = cached_graphs(folder)
+    compiled = sum(after[name] != before.get(name) for name in after)
+    print(f"timings: compile cache {folder}: {compiled} graph(s) compiled and saved, {len(before)} found there")
+
+
 def make_runner(args, model, processor, gen):
     """run(requests, stream) -> ChatResults, through the model's generation API or mindformers.pipeline."""
     if args.mode == "pipeline":
@@ -229,6 +247,8 @@ def main(argv=None):
 
         gen = generation_config(args, family_of(model.config), model.config.llm_config.eos_token_id)
         run = make_runner(args, model, processor, gen)
+        cache_folder = use_compile_cache(args, model, inputs, gen)
+        cached_before = cached_graphs(cache_folder) if cache_folder else {}
         stream = sys.stdout.isatty() if args.stream is None else args.stream
 
         def report(fields, result):
@@ -243,4 +263,6 @@ def main(argv=None):
                         stream, on_turn=report).loop()
         else:
             answer_all(args, run, inputs, stream, report)
+            if cache_folder and args.timings:
+                report_compile_cache(cache_folder, cached_before)
     return 0
