@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from conftest import REPO_ROOT
+from visual_mllm.paths import DEMO_IMAGE
 
 RUN_INFER = os.path.join(REPO_ROOT, "run_infer.py")
 
@@ -46,7 +47,7 @@ def test_demo_prints_its_request_and_answer_only_and_leaves_the_folder_empty(dem
     # 2 lines: the request, then the answer (before issue 13: 8 mindformers warnings on stdout, 43
     # MindSpore deprecation notices on stderr, and output/log/rank_0/{info,error}.log in the folder)
     assert result.stdout.splitlines() == [
-        f"[image: {os.path.join(REPO_ROOT, 'examples', 'images', 'chelsea.png')}] 描述这张图片。",
+        f"[image: {DEMO_IMAGE}] 描述这张图片。",
         "answer: 一只虎斑猫正看着镜头，它有一双绿色的眼睛。"]
     assert result.stderr == ""
     assert os.listdir(base / "work") == []

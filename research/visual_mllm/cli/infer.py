@@ -1,8 +1,9 @@
-"""`run_infer.py`: answer image + prompt requests with a VisualGLM, MiniGPT-4 or MiniGPT4Qwen model.
+"""`run_infer.py` / `visual-mllm-infer`: answer image + prompt requests with a VisualGLM, MiniGPT-4 or
+MiniGPT4Qwen model.
 
-With no arguments it runs the built-in demo: the tiny VisualGLM from configs/visualglm_tiny (random
-base weights from a fixed seed + the small LoRA finetuned on examples/finetune that ships in the
-package; no download) on an example image, and prints its answer.
+With no arguments it runs the built-in demo, which ships in the package (no download): the tiny VisualGLM
+(random base weights from a fixed seed + the small LoRA finetuned on examples/finetune) on an example
+image, and prints its answer.
 
 Requests: --image_path/--prompt (repeat the flags for several), or --input_file with one JSON request
 per line, or --chat for an interactive session. Modes: generate (the model's generation API),
@@ -12,17 +13,15 @@ runtime); all give the same tokens.
 """
 import argparse
 import contextlib
-import os
 import sys
 import time
 
 from ..compile_cache import cached_graphs, enable as enable_compile_cache
 from ..dtypes import AUTO, DTYPE_NAMES
-from ..paths import DEFAULT_CONFIG, REPO_ROOT
+from ..paths import DEFAULT_CONFIG, DEMO_IMAGE
 from .common import (add_bool_flag, add_compile_cache_flag, add_device_args, fail_cleanly, load_yaml_model,
                      parse_command_line, set_device)
 
-DEFAULT_IMAGE = os.path.join(REPO_ROOT, "examples", "images", "chelsea.png")
 DEFAULT_PROMPT = "描述这张图片。"
 NO_IMAGE = ("", "none")
 
@@ -111,7 +110,7 @@ def requests_from_args(args):
     if args.input_file:
         return read_requests(args.input_file, default_english=args.english)
     prompts = args.prompt or [DEFAULT_PROMPT]
-    images = args.image_path if args.image_path is not None else [DEFAULT_IMAGE]
+    images = args.image_path if args.image_path is not None else [DEMO_IMAGE]
     if len(images) == 1 and len(prompts) > 1:
         images = images * len(prompts)
     if len(prompts) == 1 and len(images) > 1:
