@@ -58,7 +58,7 @@ def test_quick_benchmark_prints_the_table(tmp_path):
     env = dict(os.environ, LOCAL_DEFAULT_PATH=str(tmp_path / "mindformers_output"))
     report = tmp_path / "report.md"
     proc = subprocess.run([sys.executable, str(RUN), "--quick", "--output", str(report)], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=600)
+                          env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-5000:]}\nstderr:\n{proc.stderr[-5000:]}"
     out = proc.stdout
     assert "| Section | Benchmark | Median | Min | Unit | N | Notes |" in out
