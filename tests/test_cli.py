@@ -1,5 +1,6 @@
-"""run_infer.py as a user runs it: the built-in demo, the example requests, and clear one-line errors
-(exit 2, no traceback). The tiny demo model needs no fixture; tests/test_run_infer_e2e.py checks the
+"""run_infer.py as a user runs it: the built-in demo (its 2 lines only, nothing left in the folder, and a second
+run that loads every graph from the compile cache), the example requests, bare and valued boolean flags, and
+clear one-line errors (exit 2, no traceback unless --verbose). The tiny demo model needs no fixture; tests/test_run_infer_e2e.py checks the
 answers of a converted model against the reference."""
 import json
 import os
