@@ -26,6 +26,13 @@ setup(
     package_dir={"": "research"},
     packages=find_packages(where="research"),
     package_data={"visual_mllm": ["assets/*", "assets/**/*", "cpu_kernels/*.cc", "cpu_kernels/*.inc"]},
+    # the commands the top-level scripts run (run_infer.py = visual-mllm-infer, ...), on the PATH after install
+    entry_points={"console_scripts": [
+        "visual-mllm-infer = visual_mllm.cli.infer:main",
+        "visual-mllm-convert = visual_mllm.cli.convert:main",
+        "visual-mllm-export = visual_mllm.cli.export:main",
+        "visual-mllm-finetune = visual_mllm.cli.finetune:main",
+    ]},
     python_requires=">=3.9",
     install_requires=RUNTIME,
     extras_require=EXTRAS,

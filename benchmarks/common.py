@@ -206,9 +206,10 @@ class AnonPeak:
         return self
 
 
-def run_child(command, work, name):
-    """(exit status, stdout, stderr, seconds, AnonPeak) of a child process run in `work`."""
-    env = dict(os.environ, LOCAL_DEFAULT_PATH=str(work / "log"))
+def run_child(command, work, name, env=None):
+    """(exit status, stdout, stderr, seconds, AnonPeak) of a child process run in `work` (`env`: variables to
+    add to this process's)."""
+    env = dict(os.environ, LOCAL_DEFAULT_PATH=str(work / "log"), **(env or {}))
     with open(work / f"{name}.out", "w") as out, open(work / f"{name}.err", "w") as err:
         start = time.perf_counter()
         child = subprocess.Popen(command, cwd=work, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL)

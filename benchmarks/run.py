@@ -35,6 +35,7 @@ SECTIONS = {
     "finetune_step": "benchmarks.sections.finetune_step",
     "precision_decode": "benchmarks.sections.precision_decode",
     "full_size_infer": "benchmarks.sections.full_size_infer",
+    "demo_run": "benchmarks.sections.demo_run",
 }
 
 

@@ -9,7 +9,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RUN = REPO_ROOT / "benchmarks" / "run.py"
 SECTIONS = ("llm_decode", "image_encoding", "chat_inference", "export_lite", "convert_full", "finetune_step",
-            "precision_decode", "full_size_infer")
+            "precision_decode", "full_size_infer", "demo_run")
 
 CONTEXTS = (128, 512)
 EXPECTED_ROWS = (
@@ -38,6 +38,8 @@ CHAT_ROWS = (
     + [f"{ratio}, batch {b}" for b in CHAT_BATCHES for ratio in
        ("MS / PT image encoding", "MS / PT time to first token", "PT / MS decode tokens/s")]
 )
+DEMO_ROWS = ["demo wall time, compile cache off", "demo wall time, compile cache, first run",
+             "demo wall time, compile cache, second run", "demo first / second run"]
 FULL_SIZE_ROWS = [f"VisualGLM {dtype}: {what}" for dtype in ("float16", "int8")
                   for what in ("peak RSS (VmHWM)", "model load", "time to first token", "decode")]
 
@@ -60,7 +62,7 @@ def test_quick_benchmark_prints_the_table(tmp_path):
     # every section but finetune_step, which tests/test_finetune_benchmark.py runs on its own
     sections = [name for name in SECTIONS if name != "finetune_step"]
     proc = subprocess.run([sys.executable, str(RUN), "--quick", "--only", *sections, "--output", str(report)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-5000:]}\nstderr:\n{proc.stderr[-5000:]}"
     out = proc.stdout
     assert "| Section | Benchmark | Median | Min | Unit | N | Notes |" in out
@@ -72,7 +74,7 @@ def test_quick_benchmark_prints_the_table(tmp_path):
         float(rows[name][2])  # every median is a number
     assert table_rows(report.read_text(encoding="utf-8")) == rows  # --output holds the same table
     for section, expected in (("image_encoding", IMAGE_ROWS), ("chat_inference", CHAT_ROWS),
-                              ("full_size_infer", FULL_SIZE_ROWS)):
+                              ("full_size_infer", FULL_SIZE_ROWS), ("demo_run", DEMO_ROWS)):
         section_rows = table_rows(out, section)
         missing = [name for name in expected if name not in section_rows]
         assert not missing, f"{section} rows missing from the table: {missing}\n{out}"

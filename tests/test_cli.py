@@ -1,14 +1,17 @@
-"""run_infer.py as a user runs it: the built-in demo, the example requests, and clear one-line errors
-(exit 2, no traceback). The tiny demo model needs no fixture; tests/test_run_infer_e2e.py checks the
+"""run_infer.py as a user runs it: the built-in demo (its 2 lines only, nothing left in the folder, and a second
+run that loads every graph from the compile cache), the example requests, bare and valued boolean flags, and
+clear one-line errors (exit 2, no traceback unless --verbose). The tiny demo model needs no fixture; tests/test_run_infer_e2e.py checks the
 answers of a converted model against the reference."""
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 from conftest import REPO_ROOT
+from visual_mllm.paths import DEMO_IMAGE
 
 RUN_INFER = os.path.join(REPO_ROOT, "run_infer.py")
 
@@ -19,11 +22,48 @@ def run(tmp_path, *args):
                           text=True, timeout=600, stdin=subprocess.DEVNULL)
 
 
-def test_demo_answers_the_example_image(tmp_path):
-    result = run(tmp_path, "--max_new_tokens", "8")
+FRAMEWORK_SETTINGS = ("LOCAL_DEFAULT_PATH", "LOG_MF_PATH", "MS_OM_PATH", "GLOG_v", "VISUAL_MLLM_VERBOSE")
+
+
+def as_a_newcomer(script, *args, folder, cache):
+    """`python SCRIPT ARGS` run from an empty `folder` with none of the frameworks' log settings."""
+    env = {k: v for k, v in os.environ.items() if k not in FRAMEWORK_SETTINGS}
+    env["VISUAL_MLLM_CACHE"] = str(cache)
+    folder.mkdir(exist_ok=True)
+    return subprocess.run([sys.executable, os.path.join(REPO_ROOT, script), *args], cwd=folder, env=env,
+                          capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The README's first command after the install: `python run_infer.py`, from an empty folder."""
+    base = tmp_path_factory.mktemp("demo")
+    result = as_a_newcomer("run_infer.py", folder=base / "work", cache=base / "cache")
+    return result, base
+
+
+def test_demo_prints_its_request_and_answer_only_and_leaves_the_folder_empty(demo_run):
+    result, base = demo_run
     assert result.returncode == 0, result.stderr
-    assert "chelsea.png" in result.stdout
-    assert "answer:" in result.stdout
+    # 2 lines: the request, then the answer (before issue 13: 8 mindformers warnings on stdout, 43
+    # MindSpore deprecation notices on stderr, and output/log/rank_0/{info,error}.log in the folder)
+    assert result.stdout.splitlines() == [
+        f"[image: {DEMO_IMAGE}] 描述这张图片。",
+        "answer: 一只虎斑猫正看着镜头，它有一双绿色的眼睛。"]
+    assert result.stderr == ""
+    assert os.listdir(base / "work") == []
+
+
+def test_help_and_a_bad_flag_leave_the_folder_empty(tmp_path):
+    helped = as_a_newcomer("export_lite_model.py", "--help", folder=tmp_path / "work", cache=tmp_path / "cache")
+    assert helped.returncode == 0 and "--verbose" in helped.stdout and helped.stderr == ""
+    failed = as_a_newcomer("run_infer.py", "--image_path", "nope.png", "--verbose", folder=tmp_path / "work",
+                           cache=tmp_path / "cache")
+    assert failed.returncode == 2
+    assert "Traceback" in failed.stderr  # --verbose: the traceback, then the one line
+    assert failed.stderr.splitlines()[-1] == ("error: request 1 (--image_path/--prompt): image file not found: "
+                                              "./nope.png")
+    assert os.listdir(tmp_path / "work") == []
 
 
 def test_text_only_and_several_requests_in_one_batch(tmp_path):
@@ -115,3 +155,29 @@ def test_sampling_defaults_come_from_the_family_and_greedy_is_plain(family):
     assert (greedy.do_sample, greedy.repetition_penalty) == (False, 1.0)  # no demo penalty when greedy
     given = generation_config(build_parser().parse_args(["--do_sample", "True", "--top_p", "0.3"]), get(family), 7)
     assert given.do_sample and given.top_p == 0.3
+
+
+def test_boolean_flags_take_the_bare_form_and_a_value():
+    from visual_mllm.cli.infer import build_parser
+
+    parse = build_parser().parse_args
+    assert parse([]).english is False and parse([]).do_sample is None
+    args = parse(["--english", "--do_sample", "--use_past", "false", "--stream", "0", "--graph_mode"])
+    assert (args.english, args.do_sample, args.use_past, args.stream, args.graph_mode) == (True, True, False, False, True)
+    assert parse(["--english", "True", "--do_sample", "no"]).english is True
+    with pytest.raises(SystemExit):
+        parse(["--english", "maybe"])
+
+
+def test_the_same_request_again_loads_every_graph_from_the_compile_cache(demo_run):
+    first, base = demo_run
+    again = as_a_newcomer("run_infer.py", "--timings", folder=base / "work", cache=base / "cache")
+    assert again.returncode == 0, again.stderr
+    timings = [line for line in again.stdout.splitlines() if line.startswith("timings:")]
+    print("\n".join(timings))
+    cache_line = next(line for line in timings if "compile cache" in line)
+    found = re.search(r": 0 graph\(s\) compiled and saved, (\d+) found there$", cache_line)
+    assert found and int(found.group(1)) >= 3, cache_line  # the image encoder, embedding, prefill, decode
+    assert [line for line in again.stdout.splitlines() if line.startswith("answer:")] == \
+        [line for line in first.stdout.splitlines() if line.startswith("answer:")]
+    assert os.listdir(base / "work") == []

@@ -14,6 +14,7 @@ import pytest
 import mindspore as ms
 
 import visual_mllm
+from visual_mllm.layers import numpy_dtype
 from visual_mllm.models.weights import CheckpointMismatchError, deferred_init, load_checkpoints
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,7 +53,7 @@ def test_every_format_and_dtype_loads_exactly(tiny, tmp_path, suffix, dtype):
     stored = ms.load_checkpoint(path, format=suffix[1:])
     for param in model.get_parameters():
         assert not param.has_init, param.name
-        expected = stored[param.name].asnumpy().astype(ms.dtype_to_nptype(param.dtype))
+        expected = stored[param.name].asnumpy().astype(numpy_dtype(param.dtype))
         np.testing.assert_array_equal(param.asnumpy(), expected, err_msg=param.name)
 
 

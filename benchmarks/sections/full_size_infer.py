@@ -76,7 +76,7 @@ def answer(yaml_path, work, label, prompt, extra=()):
     """Rows of one run_infer.py request: load time, VmHWM, image encoding, first token, s/token."""
     command = [sys.executable, str(REPO_ROOT / "run_infer.py"), "--config", str(yaml_path), "--image_path",
                str(IMAGE), "--prompt", prompt, "--do_sample", "False", "--max_new_tokens", str(NEW_TOKENS),
-               "--seq_length", str(SEQ_LENGTH), "--timings", *extra]
+               "--seq_length", str(SEQ_LENGTH), "--timings", "--no_compile_cache", *extra]
     status, out, err, seconds, peak = run_child(command, work, f"infer_{label.replace(' ', '_')}")
     if status != 0:
         tail = (err.strip().splitlines() or ["(no output)"])[-1]

@@ -7,6 +7,9 @@ our classes. The usual entry point is::
 
     model, processor = visual_mllm.load_from_yaml("configs/visualglm_tiny/run_visualglm_tiny.yaml")
 """
+from .quiet import quiet_frameworks
+
+quiet_frameworks()  # before MindSpore and mindformers are imported
 from .configuration import StrictConfig, UnknownConfigKeyError
 from .models.processor import ProcessorModelMismatchError, VisualGLMProcessor
 from .models.visualglm import VisualGLMConfig, VisualGLMForConditionalGeneration

@@ -13,7 +13,7 @@ from typing import Dict, Optional
 from .models.minigpt4 import MiniGPT4Config, MiniGPT4ForConditionalGeneration
 from .models.minigpt4qwen import MiniGPT4QwenConfig, MiniGPT4QwenForConditionalGeneration
 from .models.visualglm import VisualGLMConfig, VisualGLMForConditionalGeneration
-from .paths import CONFIGS_DIR
+from .paths import CONFIGS_DIR, DEFAULT_CONFIG
 from .processing.minigpt4_prompt import MiniGPT4PromptBuilder
 from .processing.qwen_prompt import QwenPromptBuilder
 from .processing.visualglm_prompt import VisualGLMPromptBuilder
@@ -59,7 +59,7 @@ FAMILIES = (
     Family("visualglm", VisualGLMConfig, VisualGLMForConditionalGeneration, ChatGLMTokenizer, VisualGLMPromptBuilder,
            Conversion("visualglm"),
            sampling=dict(do_sample=True, top_p=0.4, top_k=100, temperature=0.8, repetition_penalty=1.2),
-           demo_config=os.path.join(CONFIGS_DIR, "visualglm_tiny", "run_visualglm_tiny.yaml")),
+           demo_config=DEFAULT_CONFIG),
     Family("minigpt4", MiniGPT4Config, MiniGPT4ForConditionalGeneration, VicunaTokenizer, MiniGPT4PromptBuilder,
            Conversion("lavis", "llama_hf", "llama_proj", "MiniGPT-4's projection checkpoint pretrained_minigpt4*.pth",
                       release_projection="pretrained_minigpt4.pth", release_llm="vicuna"),

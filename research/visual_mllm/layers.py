@@ -21,6 +21,7 @@ from typing import Optional
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, nn, ops
+from mindspore.common import np_dtype
 from mindspore.common.initializer import Constant, Initializer, Normal, initializer
 from mindspore.ops.auto_generate import WeightQuantBatchMatmul
 
@@ -33,6 +34,12 @@ QUERY_KEY = ops.BatchMatMul(transpose_b=True)
 
 
 DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+
+
+def numpy_dtype(dtype):
+    """The numpy dtype of a MindSpore dtype (bfloat16: MindSpore's numpy type); what the deprecated
+    `mindspore.dtype_to_nptype` gave."""
+    return np_dtype.bfloat16 if dtype == ms.bfloat16 else np.dtype(str(dtype).lower())
 
 
 class PrecisionError(ValueError):

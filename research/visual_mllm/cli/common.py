@@ -2,7 +2,9 @@
 import functools
 import os
 import sys
+import traceback
 
+from .. import quiet
 from ..paths import DEFAULT_CONFIG
 
 
@@ -15,11 +17,21 @@ def str2bool(value):
     raise ValueError(f"expected True or False, got {value!r}")
 
 
+def add_bool_flag(parser, flag, **kwargs):
+    """A true/false flag read as people type it: `--flag` (true), `--flag True`, `--flag false`, `--flag 0`."""
+    parser.add_argument(flag, type=str2bool, nargs="?", const=True, metavar="BOOL", **kwargs)
+
+
 def add_device_args(parser):
     parser.add_argument("--device_target", default="CPU", choices=["CPU", "Ascend", "GPU"])
     parser.add_argument("--device_id", type=int, default=0)
-    parser.add_argument("--graph_mode", type=str2bool, default=True,
-                        help="graph mode (compiled); False = PyNative, for debugging")
+    add_bool_flag(parser, "--graph_mode", default=True, help="graph mode (compiled); False = PyNative, for debugging")
+
+
+def add_compile_cache_flag(parser):
+    parser.add_argument("--no_compile_cache", dest="compile_cache", action="store_false",
+                        help="compile every graph anew instead of loading it from the per-user compile cache "
+                             "(where the first run of the same command saves them; see visual_mllm.compile_cache)")
 
 
 def set_device(args):
@@ -29,14 +41,28 @@ def set_device(args):
     ms.set_device(args.device_target, args.device_id)
 
 
+def parse_command_line(parser, argv):
+    """parser's arguments plus --verbose, which keeps the frameworks' messages (see visual_mllm.quiet)."""
+    parser.add_argument("--verbose", action="store_true",
+                        help="keep MindSpore's and mindformers' messages and print the traceback of an error "
+                             f"(${quiet.VERBOSE_ENV}=1 also keeps those printed while they are imported)")
+    args = parser.parse_args(argv)
+    if args.verbose:
+        quiet.verbose()
+    return args
+
+
 def fail_cleanly(main):
-    """Turn the errors a user can cause into one 'error: ...' line and exit status 2."""
+    """Turn the errors a user can cause into one 'error: ...' line and exit status 2 (after the traceback,
+    with --verbose or $VISUAL_MLLM_VERBOSE=1)."""
 
     @functools.wraps(main)
     def wrapper(argv=None):
         try:
             return main(argv)
         except (ValueError, FileNotFoundError, OSError, KeyError) as err:
+            if quiet.verbose_requested():
+                traceback.print_exc()
             print(f"error: {err}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:

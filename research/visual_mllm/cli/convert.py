@@ -34,7 +34,7 @@ import os
 import signal
 import sys
 
-from .common import fail_cleanly
+from .common import fail_cleanly, parse_command_line
 
 PART_FLAGS = {"vit": "vit_mindspore_path", "qformer": "qformer_mindspore_path", "llm": "glm_mindspore_path",
               "llm_embedding": "glm_embedding_mindspore_path"}
@@ -169,7 +169,7 @@ def main(argv=None):
     from .. import families
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, argv)
     job = families.get(args.model_type).conversion.job
     for other, (_, flags) in JOBS.items():
         if other != job:

@@ -8,7 +8,8 @@ Run the result with `run_infer.py --mode lite --export_dir DIR` (add `--ge_confi
 """
 import argparse
 
-from .common import DEFAULT_CONFIG, add_device_args, fail_cleanly, load_yaml_model, set_device, str2bool
+from .common import (DEFAULT_CONFIG, add_bool_flag, add_device_args, fail_cleanly, load_yaml_model,
+                     parse_command_line, set_device)
 
 
 def build_parser():
@@ -16,8 +17,8 @@ def build_parser():
     p.add_argument("--mode", default="export", choices=["export"], help="what to do (export graphs)")
     p.add_argument("--config", default=DEFAULT_CONFIG,
                    help="the model's run YAML, e.g. the one convert_weight.py writes (default: the tiny demo)")
-    p.add_argument("--use_past", type=str2bool, default=True,
-                   help="also export the incremental (one-token, KV-cache) graph")
+    add_bool_flag(p, "--use_past", default=True,
+                  help="also export the incremental (one-token, KV-cache) graph")
     p.add_argument("--seq_length", type=int, default=None, help="context S of the graphs (default: the YAML's)")
     p.add_argument("--batch_size", type=int, default=1, help="rows per call of every graph")
     p.add_argument("--output_dir", default="output", help="folder to write (replaced if it exists)")
@@ -30,7 +31,7 @@ def build_parser():
 
 @fail_cleanly
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(build_parser(), argv)
     set_device(args)
     from .. import read_run_config
     from ..export.exporter import export_model

@@ -13,12 +13,13 @@ checkpoints/ (resumable), train_log.csv, loss_curve.png and summary.json; with -
 same command and trains its shard of each global batch; on one host start them with
     bash run_singlenode.sh "python run_finetune.py --config ..." <rank_table.json or any name on CPU> "[0,2)" 2
 (logs in output/log/rank_<r>/run.log; each rank ends its log with a `timing:` line).
+Installed, the same command is `visual-mllm-finetune` (its default, the tiny demo, needs the source checkout).
 """
 import argparse
 import os
 
 from ..paths import DEMO_LORA_CONFIG as DEFAULT_CONFIG
-from .common import fail_cleanly, set_device, str2bool
+from .common import add_bool_flag, fail_cleanly, parse_command_line, set_device
 
 
 
@@ -42,11 +43,11 @@ def build_parser():
                    help="also fold LoRA into the base weights and write merged/ split checkpoints + YAML")
     p.add_argument("--lora_checkpoint", default=None, help="with --merge: merge this LoRA checkpoint, no training")
     p.add_argument("--validate_only", action="store_true", help="check the dataset, report bad rows and exit")
-    p.add_argument("--progress", type=str2bool, default=None, help="progress bar (default: on)")
+    add_bool_flag(p, "--progress", default=None, help="progress bar (default: on)")
     p.add_argument("--device_target", default="CPU", choices=["CPU", "Ascend", "GPU"])
     p.add_argument("--device_id", type=int, default=None, help="device (default: $DEVICE_ID or 0)")
-    p.add_argument("--graph_mode", type=str2bool, default=True,
-                   help="compile the train step (graph mode); False = PyNative, for debugging")
+    add_bool_flag(p, "--graph_mode", default=True,
+                  help="compile the train step (graph mode); False = PyNative, for debugging")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU kernel threads of this process (default: MindSpore's); with several workers on "
                         "one CPU host, e.g. cores / workers")
@@ -71,7 +72,10 @@ def validate_only(args):
 
 @fail_cleanly
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(build_parser(), argv)
+    if args.config == DEFAULT_CONFIG and not os.path.exists(DEFAULT_CONFIG):
+        raise FileNotFoundError(f"the demo finetune ({DEFAULT_CONFIG}) and its data are in the source checkout, "
+                                "not in the installed package: pass --config, or set VISUAL_MLLM_HOME to a checkout")
     if args.lora_checkpoint and not args.merge:
         raise ValueError("--lora_checkpoint is for --merge (to merge an existing checkpoint); "
                          "run_infer.py --lora_checkpoint uses one for inference")

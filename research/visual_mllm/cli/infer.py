@@ -1,8 +1,9 @@
-"""`run_infer.py`: answer image + prompt requests with a VisualGLM, MiniGPT-4 or MiniGPT4Qwen model.
+"""`run_infer.py` / `visual-mllm-infer`: answer image + prompt requests with a VisualGLM, MiniGPT-4 or
+MiniGPT4Qwen model.
 
-With no arguments it runs the built-in demo: the tiny VisualGLM from configs/visualglm_tiny (random
-base weights from a fixed seed + the small LoRA finetuned on examples/finetune that ships in the
-package; no download) on an example image, and prints its answer.
+With no arguments it runs the built-in demo, which ships in the package (no download): the tiny VisualGLM
+(random base weights from a fixed seed + the small LoRA finetuned on examples/finetune) on an example
+image, and prints its answer.
 
 Requests: --image_path/--prompt (repeat the flags for several), or --input_file with one JSON request
 per line, or --chat for an interactive session. Modes: generate (the model's generation API),
@@ -12,15 +13,15 @@ runtime); all give the same tokens.
 """
 import argparse
 import contextlib
-import os
 import sys
 import time
 
+from ..compile_cache import cached_graphs, enable as enable_compile_cache
 from ..dtypes import AUTO, DTYPE_NAMES
-from ..paths import DEFAULT_CONFIG, REPO_ROOT
-from .common import add_device_args, fail_cleanly, load_yaml_model, set_device, str2bool
+from ..paths import DEFAULT_CONFIG, DEMO_IMAGE
+from .common import (add_bool_flag, add_compile_cache_flag, add_device_args, fail_cleanly, load_yaml_model,
+                     parse_command_line, set_device)
 
-DEFAULT_IMAGE = os.path.join(REPO_ROOT, "examples", "images", "chelsea.png")
 DEFAULT_PROMPT = "描述这张图片。"
 NO_IMAGE = ("", "none")
 
@@ -44,10 +45,10 @@ def build_parser():
     p.add_argument("--output_file", help="write one JSONL record per request (request fields + response, "
                    "generated_ids, timings), in input order")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat (--image_path: first image)")
-    p.add_argument("--english", type=str2bool, default=False,
-                   help="English prompt format (Q:/A:); the default of JSONL lines without \"english\"")
+    add_bool_flag(p, "--english", default=False,
+                  help="English prompt format (Q:/A:); the default of JSONL lines without \"english\"")
     p.add_argument("--batch_size", type=int, default=1, help="requests generated together")
-    p.add_argument("--use_past", type=str2bool, default=None, help="KV cache (default: the YAML's use_past)")
+    add_bool_flag(p, "--use_past", default=None, help="KV cache (default: the YAML's use_past)")
     p.add_argument("--seq_length", type=int, default=None, help="context length (default: the YAML's)")
     p.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
                    help="hold every tower's Linear and Embedding weights in this dtype (default: the YAML's "
@@ -62,20 +63,21 @@ def build_parser():
                    help="LoRA weights (run_finetune.py) to load on top of the model; the demo config uses the "
                         "packaged demo LoRA unless this is 'none'")
     p.add_argument("--max_new_tokens", type=int, default=64)
-    p.add_argument("--do_sample", type=str2bool, default=None,
-                   help="sample (True) or decode greedily (False); default: the family's reference demo "
-                        "(VisualGLM and MiniGPT-4 sample, MiniGPT4Qwen's cli_demo is greedy)")
+    add_bool_flag(p, "--do_sample", default=None,
+                  help="sample (True) or decode greedily (False); default: the family's reference demo "
+                       "(VisualGLM and MiniGPT-4 sample, MiniGPT4Qwen's cli_demo is greedy)")
     p.add_argument("--top_k", type=int, default=None, help="default: the family's demo (VisualGLM 100)")
     p.add_argument("--top_p", type=float, default=None, help="default: the family's demo (VisualGLM 0.4)")
     p.add_argument("--temperature", type=float, default=None, help="default: the family's demo (VisualGLM 0.8)")
     p.add_argument("--repetition_penalty", type=float, default=None,
                    help="default: the family's demo when sampling (VisualGLM 1.2), 1.0 (off) when greedy")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
-    p.add_argument("--stream", type=str2bool, default=None,
-                   help="print tokens as they come (default: on a terminal); batches of one request only")
+    add_bool_flag(p, "--stream", default=None,
+                  help="print tokens as they come (default: on a terminal); batches of one request only")
     p.add_argument("--timings", action="store_true",
                    help="print the model's load time, and image encoding time, time to first token and tokens/s "
                         "of every request")
+    add_compile_cache_flag(p)
     add_device_args(p)
     return p
 
@@ -108,7 +110,7 @@ def requests_from_args(args):
     if args.input_file:
         return read_requests(args.input_file, default_english=args.english)
     prompts = args.prompt or [DEFAULT_PROMPT]
-    images = args.image_path if args.image_path is not None else [DEFAULT_IMAGE]
+    images = args.image_path if args.image_path is not None else [DEMO_IMAGE]
     if len(images) == 1 and len(prompts) > 1:
         images = images * len(prompts)
     if len(prompts) == 1 and len(images) > 1:
@@ -155,6 +157,22 @@ def load_model(args):
 
     overrides.update(precision_overrides(args.dtype, args.compute_dtype, args.quantize))
     return load_yaml_model(args.config, args.lora_checkpoint, **overrides)
+
+
+def use_compile_cache(args, model, inputs, gen):
+    """Turn on the compile cache for a run that answers `inputs` (its folder, or None: off, --chat, whose
+    graphs follow the conversation, lite mode, which compiles nothing of its own, PyNative)."""
+    if not args.compile_cache or args.chat or args.mode == "lite" or not args.graph_mode:
+        return None
+    return enable_compile_cache({"mode": args.mode, "model": model.config.to_dict(), "batch_size": args.batch_size,
+                                 "generation": gen, "requests": [fields for fields, _ in inputs],
+                                 "device": args.device_target})
+
+
+def report_compile_cache(folder, before):
+    after = cached_graphs(folder)
+    compiled = sum(after[name] != before.get(name) for name in after)
+    print(f"timings: compile cache {folder}: {compiled} graph(s) compiled and saved, {len(before)} found there")
 
 
 def make_runner(args, model, processor, gen):
@@ -211,7 +229,7 @@ def answer_all(args, run, inputs, stream, report):
 
 @fail_cleanly
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(build_parser(), argv)
     check_args(args)
     inputs = [] if args.chat else requests_from_args(args)  # before the model: input errors come at once
     with contextlib.ExitStack() as stack:
@@ -228,6 +246,8 @@ def main(argv=None):
 
         gen = generation_config(args, family_of(model.config), model.config.llm_config.eos_token_id)
         run = make_runner(args, model, processor, gen)
+        cache_folder = use_compile_cache(args, model, inputs, gen)
+        cached_before = cached_graphs(cache_folder) if cache_folder else {}
         stream = sys.stdout.isatty() if args.stream is None else args.stream
 
         def report(fields, result):
@@ -242,4 +262,6 @@ def main(argv=None):
                         stream, on_turn=report).loop()
         else:
             answer_all(args, run, inputs, stream, report)
+            if cache_folder and args.timings:
+                report_compile_cache(cache_folder, cached_before)
     return 0

@@ -6,7 +6,7 @@
 import argparse
 import sys
 
-from .common import fail_cleanly
+from .common import fail_cleanly, parse_command_line
 
 
 def build_parser():
@@ -28,7 +28,7 @@ def build_parser():
 def main(argv=None):
     from ..distributed import rank_table
 
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(build_parser(), argv)
     if args.command == "generate":
         print(rank_table.generate(args.device_num, args.output_dir, args.server_ip, args.hccn_conf))
     else:

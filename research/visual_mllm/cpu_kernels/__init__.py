@@ -20,15 +20,13 @@ import subprocess
 import sys
 import tempfile
 
+from ..paths import cache_dir
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = ("weight_only.cc", "weight_only_kernel.inc")
 ENTRY = "WqLinear"
 FLAGS = ("-std=c++17", "-O3", "-fPIC", "-shared", "-pthread", "-fno-math-errno")
 SWITCH = "VISUAL_MLLM_CPU_KERNELS"  # 0 = never build or use the kernels
-
-
-def cache_dir():
-    return os.environ.get("VISUAL_MLLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "visual_mllm")
 
 
 def source_key(compiler):

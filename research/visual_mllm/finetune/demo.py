@@ -20,14 +20,11 @@ import shutil
 import sys
 
 from ..atomic import write_atomic
-from ..paths import ASSETS_DIR, DEFAULT_CONFIG as BASE_CONFIG, DEMO_LORA_CONFIG as DEMO_CONFIG, REPO_ROOT
+from ..paths import (ASSETS_DIR, DEFAULT_CONFIG as BASE_CONFIG, DEMO_LORA_CONFIG as DEMO_CONFIG, REPO_ROOT,
+                     cache_dir)
 
 PACKAGED_DEMO_LORA = os.path.join(ASSETS_DIR, "demo", "visualglm_tiny_lora.ckpt")
 DEMO_DATASET = os.path.join(REPO_ROOT, "examples", "finetune", "dataset.json")
-
-
-def cache_dir():
-    return os.environ.get("VISUAL_MLLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "visual_mllm")
 
 
 def build_demo_model(output_dir, install=False, quiet=False, progress=None):

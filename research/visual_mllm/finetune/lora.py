@@ -38,7 +38,7 @@ import mindspore as ms
 from mindspore import Tensor, nn
 
 from ..atomic import write_atomic
-from ..layers import Linear
+from ..layers import Linear, numpy_dtype
 from ..lora_layout import LORA_PARAMS, META_FORMAT, META_KEY, layout_meta
 from ..models.weights import save_split_checkpoints, shape_mismatches
 
@@ -367,7 +367,7 @@ def load_lora_checkpoint(model, path, merge=False):
     params = {p.name: p for p in model.get_parameters()}
     for name, array in arrays.items():
         param = params[name]
-        param.set_data(Tensor(array.astype(ms.dtype_to_nptype(param.dtype))))
+        param.set_data(Tensor(array.astype(numpy_dtype(param.dtype))))
     _forget_compiled(model)
     result = LoraLoadResult(path, targets, list(meta.get("trainable", [])), rank, alpha, loaded=sorted(arrays))
     if merge:
@@ -389,7 +389,7 @@ def merge_lora(model):
         b = cell.mindpet_delta_lora_b.asnumpy().astype(np.float64)
         folded = weight + (float(cell.lora_alpha) / float(cell.lora_rank)) * (b @ a)
         plain = Linear(cell.in_channels, cell.out_channels, has_bias=cell.has_bias, precision=cell.precision)
-        cell.weight.set_data(Tensor(folded.astype(ms.dtype_to_nptype(cell.weight.dtype))))
+        cell.weight.set_data(Tensor(folded.astype(numpy_dtype(cell.weight.dtype))))
         plain.weight = cell.weight
         if cell.has_bias:
             plain.bias = cell.bias

@@ -31,7 +31,7 @@ import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from ..configuration import TowerConfig
-from ..layers import Precision
+from ..layers import Precision, numpy_dtype
 
 
 class LLMConfig(TowerConfig):
@@ -131,7 +131,7 @@ class KVCache(nn.Cell):
     def __init__(self, num_layers, shape, dtype=ms.float32):
         super().__init__()
         self.shape = tuple(shape)
-        zeros = np.zeros(self.shape, ms.dtype_to_nptype(dtype))
+        zeros = np.zeros(self.shape, numpy_dtype(dtype))
         self.keys = ParameterTuple([Parameter(Tensor(zeros), name=f"kv_cache.key.{i}", requires_grad=False)
                                     for i in range(num_layers)])
         self.values = ParameterTuple([Parameter(Tensor(zeros), name=f"kv_cache.value.{i}", requires_grad=False)

@@ -21,7 +21,7 @@ from mindspore.common import dtype as mstype
 from mindspore.nn.utils import no_init_parameters
 
 from ..atomic import write_atomic
-from ..layers import SCALE_SUFFIX, quantize_int8
+from ..layers import SCALE_SUFFIX, numpy_dtype, quantize_int8
 
 # Which parameters each split checkpoint holds (by name prefix). The Q-Former file also carries
 # ln_vision and the projection, as the older MindFormers port wrote it.
@@ -121,13 +121,13 @@ def read_tensor(file, path, name, layout):
             if not count:
                 raise CheckpointMismatchError(f"cannot read checkpoint {path}: {name} is truncated")
             start, pos = start + count, pos + count
-    return data.view(ms.dtype_to_nptype(stored_dtype(layout))).reshape(layout.shape)
+    return data.view(numpy_dtype(stored_dtype(layout))).reshape(layout.shape)
 
 
 def set_parameter(param, array):
     """Give `param` the values of `array`, converted to the parameter's dtype if needed (see
     `conversion_problem`); the parameter takes over the array's memory (no copy)."""
-    wanted = ms.dtype_to_nptype(param.dtype)
+    wanted = numpy_dtype(param.dtype)
     if array.dtype != wanted:
         array = array.astype(wanted)
     param.set_data(ms.Tensor.from_numpy(np.ascontiguousarray(array)))
