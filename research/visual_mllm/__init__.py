@@ -7,13 +7,15 @@ our classes. The usual entry point is::
 
     model, processor = visual_mllm.load_from_yaml("configs/visualglm_tiny/run_visualglm_tiny.yaml")
 """
-from .quiet import quiet_frameworks
+from .quiet import quiet_frameworks, quiet_imports
 
 quiet_frameworks()  # before MindSpore and mindformers are imported
-from .configuration import StrictConfig, UnknownConfigKeyError
-from .models.processor import ProcessorModelMismatchError, VisualGLMProcessor
-from .models.visualglm import VisualGLMConfig, VisualGLMForConditionalGeneration
-from .registry import PACKAGED_VOCAB_FILE, load_from_yaml, load_processor_from_yaml, read_run_config, register_all
+with quiet_imports():
+    from .configuration import StrictConfig, UnknownConfigKeyError
+    from .models.processor import ProcessorModelMismatchError, VisualGLMProcessor
+    from .models.visualglm import VisualGLMConfig, VisualGLMForConditionalGeneration
+    from .registry import (PACKAGED_VOCAB_FILE, load_from_yaml, load_processor_from_yaml, read_run_config,
+                           register_all)
 
 __version__ = "0.1.0"
 

@@ -7,11 +7,13 @@
   `./rank_0/om/analyze_fail.ir`) go to `<cache>/logs/mindspore` unless MS_OM_PATH is set (cache: `cache_dir()`).
 * noise, unless $VISUAL_MLLM_VERBOSE is 1/true: MindSpore logs errors only (GLOG_v=3, when GLOG_v is not
   set), mindformers' records below ERROR are dropped (its import-time notices, "The input config ... is
-  empty"), and Python warnings raised outside visual_mllm are ignored.
+  empty"), and the Python warnings the frameworks raise while they are imported (`quiet_imports()`) are
+  ignored; other warnings are left as they are (importing this package changes no warning filter).
 
 `verbose()` (the command lines' --verbose) lifts the mindformers and Python-warning filters from then on;
 MindSpore reads GLOG_v once, at import, so its level needs $VISUAL_MLLM_VERBOSE=1 (or GLOG_v) set before.
 """
+import contextlib
 import logging
 import os
 import warnings
@@ -50,12 +52,18 @@ def quiet_frameworks():
         return
     os.environ.setdefault("GLOG_v", MINDSPORE_ERRORS_ONLY)
     mindformers_logger().addFilter(ERRORS_ONLY)
-    warnings.filterwarnings("ignore")
-    warnings.filterwarnings("default", module=r"visual_mllm(\.|$)")
+
+
+@contextlib.contextmanager
+def quiet_imports():
+    """Around the frameworks' imports: their import-time warnings (deprecation notices) ignored, unless verbose."""
+    with warnings.catch_warnings():
+        if not verbose_requested():
+            warnings.simplefilter("ignore")
+        yield
 
 
 def verbose():
     """Keep the frameworks' messages from now on, in this process and the processes it starts."""
     os.environ[VERBOSE_ENV] = "1"
     mindformers_logger().removeFilter(ERRORS_ONLY)
-    warnings.filterwarnings("default")
