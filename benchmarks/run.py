@@ -63,7 +63,8 @@ def parse_args(argv=None):
 def setup_runtime(threads):
     """Graph mode on CPU and the same thread count for MindSpore and torch (set once, before any graph)."""
     import mindspore as ms
-    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    ms.set_context(mode=ms.GRAPH_MODE)
+    ms.set_device("CPU")
     ms.device_context.cpu.op_tuning.threads_num(threads)
     try:
         import torch
