@@ -191,6 +191,24 @@ def test_int8_linear_takes_the_fused_matmul_on_ascend_only(monkeypatch):
     assert not layers.Linear(8, 4, precision=layers.Precision(ms.float16, ms.float16)).fused_int8
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_quantize_int8_is_the_per_row_symmetric_formula(dtype):
+    """The blocked one-pass quantiser equals round(w / (max|w_row| / 127)) on every row, a zero row and a row
+    count that is not a multiple of the block included."""
+    from visual_mllm.layers import INT8_MAX, QUANTIZE_ROWS, quantize_int8
+
+    w = (np.random.default_rng(0).standard_normal((2 * QUANTIZE_ROWS + 5, 48)) * 0.02).astype(dtype)
+    w[3] = 0
+    w[7, 5] = -np.abs(w[7]).max() * 2  # a row whose extreme is negative
+    q, scale = quantize_int8(w)
+    wide = w.astype(np.float32)
+    want_scale = np.abs(wide).max(axis=1) / INT8_MAX
+    want_scale[want_scale == 0] = 1.0
+    np.testing.assert_array_equal(scale, want_scale.astype(np.float32))
+    np.testing.assert_array_equal(q, np.rint(wide / want_scale[:, None]).astype(np.int8))
+    assert q.dtype == np.int8 and q[7, 5] == -INT8_MAX and not q[3].any()
+
+
 @pytest.fixture(scope="module")
 def int8_model(converted_visualglm):
     """The SAT fp32 fixture's conversion with the LLM quantised to int8 as it loads."""
