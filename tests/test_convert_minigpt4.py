@@ -43,6 +43,7 @@ class Turn:
     generated_ids: List[int]
     answer: str
     npz: Optional[str]  # the sample's prefix in reference.npz when its tensors are of this turn
+    margins: List[float]  # the reference's top1 - top2 logit at each greedy step
 
 
 def reference(family):
@@ -62,11 +63,12 @@ def turns(family):
                 history = list(zip(sample["questions"][:number], answers[:number]))
                 recorded = number == sample["recorded_turn"]
                 out.append(Turn(f"{sample['name']} turn {number}", ChatRequest(question, image, history),
-                                turn["generated_ids"], turn["answer"], npz_prefix(sample) if recorded else None))
+                                turn["generated_ids"], turn["answer"], npz_prefix(sample) if recorded else None,
+                                turn["margins"]))
         else:
             history = [(untagged(q), a) for q, a in sample["history"]]
             out.append(Turn(sample["name"], ChatRequest(untagged(sample["query"]), image, history),
-                            sample["generated_ids"], sample["response"], npz_prefix(sample)))
+                            sample["generated_ids"], sample["response"], npz_prefix(sample), sample["margins"]))
     return out
 
 
@@ -147,6 +149,47 @@ def test_batch_of_every_turn_equals_one_by_one(family, loaded, use_past):
     assert len({len(result.input_ids) for result in results}) > 1  # rows of different lengths: padding matters
     for turn, result in zip(every, results):
         assert (result.generated_ids, result.response) == (turn.generated_ids, turn.answer), turn.name
+
+
+def test_int8_weights_give_the_reference_tokens_where_margins_allow(family, output, loaded):
+    """The LLM's Linears quantised to int8 as the converted checkpoint loads: the prompt-logit error against the
+    reference is measured on the recorded turns (every prompt position) and bounded; then every turn's greedy
+    tokens (one batch) equal the reference's at each step up to the first whose recorded top1-top2 margin is not
+    above twice that error (a rounding could flip that step; nothing after it is comparable)."""
+    from visual_mllm import load_from_yaml
+    from visual_mllm.generation.generator import PromptRow
+    from visual_mllm.inference import answer
+    from visual_mllm.registry import precision_overrides
+
+    processor = loaded[1]
+    quantized, _ = load_from_yaml(output / f"run_{family}.yaml", **precision_overrides(quantize="int8"))
+    arrays = np.load(fixture_path(family, "reference.npz"))
+    error = 0.0
+    for turn in [turn for turn in turns(family) if turn.npz]:
+        request = turn.request
+        pixels = processor.preprocess_image(request.image) if request.image else None
+        ids = processor.prompt_builder.build_ids(request.prompt, request.history, has_image=pixels is not None)
+        expected = arrays[f"{turn.npz}_logits"]  # [S, V]
+        turn_error = float(np.abs(full_logits(quantized, PromptRow(ids.input_ids, ids.image_start), pixels)
+                                  - expected).max())
+        # per-channel int8 of the fixture's weights: a small fraction of the logit range, never most of it
+        assert turn_error < 0.1 * (expected.max() - expected.min()), f"{turn.name}: int8 logit error {turn_error}"
+        error = max(error, turn_error)
+    every = turns(family)
+    results = answer(quantized, processor, [turn.request for turn in every], greedy(family, quantized))
+    checked = 0
+    for turn, result in zip(every, results):
+        steps = []
+        for step, (want, margin) in enumerate(zip(turn.generated_ids, turn.margins)):
+            if margin <= 2 * error:
+                break
+            assert result.generated_ids[step] == want, (
+                f"{turn.name} step {step}: {result.generated_ids[step]} != {want} although the margin {margin:.3g} "
+                f"> 2 x the measured int8 logit error {error:.3g}")
+            steps.append(step)
+        checked += len(steps)
+        print(f"{turn.name}: int8 logit error {error:.2e}; checked steps {steps}")
+    assert checked, "no greedy step had a margin above twice the int8 logit error"
 
 
 # ----------------------------------------------------------------------------------------- the output folder
