@@ -142,7 +142,7 @@ class ExportedEngine:
     def padded_length(self, longest, max_new_tokens):
         return self.seq_length
 
-    def start(self, batch):
+    def start(self, batch, length):  # the exported cache holds seq_length slots, whatever `length` needs
         if batch > self.x.batch_size:
             raise ExportMismatchError(f"a batch of {batch} rows but the graphs were exported for batch_size "
                                       f"{self.x.batch_size}")

@@ -8,7 +8,7 @@ same prefill graph, so both paths compile one shape per batch.
 The loop talks to an *engine* (`EagerEngine` here; the exported-graph runtime in `export/runtime.py`):
     engine.positions, engine.seq_length, engine.pad_token_id, engine.use_past
     engine.padded_length(longest_prompt, max_new_tokens) -> S      (the sequence length to pad to)
-    engine.start(batch)                                            (before each generate call)
+    engine.start(batch, length)            (before each generate call; length = longest prompt + max_new_tokens)
     engine.embed(ids [B,S], image_embeds [B,Q,H] or None, image_start [B]) -> inputs_embeds
     engine.prefill(inputs_embeds, position_ids, valid_length, prefix_length) -> logits numpy [B,V]
     engine.decode(ids [B,1], position_ids [B,P,1], valid_length) -> logits numpy [B,V]
@@ -24,6 +24,8 @@ from .sampling import GenerationConfig, TokenChooser
 from .steps import DecodeStep, EmbedStep, PrefillStep
 
 BUCKET = 16  # prompt lengths are padded up to a multiple of this, so few distinct graphs are compiled
+# The smallest KV cache (slots): caches grow by powers of two from here up to seq_length, as requests need
+MIN_CACHE = 128
 NO_IMAGE = -(1 << 20)  # image_start of rows without an image
 
 
@@ -46,7 +48,12 @@ def image_starts(rows):
 
 
 class EagerEngine:
-    """Graph-mode cells around a live decoder; compiled graphs and caches are kept per batch size."""
+    """Graph-mode cells around a live decoder; compiled graphs and caches are kept per batch size.
+
+    A batch size's KV cache holds the next power of two (from MIN_CACHE, at most seq_length) of the slots its
+    longest request so far needed, and every shorter request reuses it: a 70-token answer does not pay memory
+    and per-token attention for 2048 slots, and a session compiles at most log2(seq_length / MIN_CACHE) + 1
+    decode graphs per batch size (a larger cache replaces the smaller one)."""
 
     def __init__(self, llm, seq_length, pad_token_id, use_past=True):
         self.llm = llm
@@ -61,14 +68,22 @@ class EagerEngine:
     def padded_length(self, longest, max_new_tokens):
         return min(round_up(longest + (0 if self.use_past else max_new_tokens), BUCKET), self.seq_length)
 
-    def start(self, batch):
-        if batch not in self._steps:
+    def cache_length(self, length):
+        return min(self.seq_length, max(MIN_CACHE, 1 << (int(length) - 1).bit_length()))
+
+    def cache_slots(self, batch):
+        """Slots of the KV cache held for `batch` rows (0: none yet, or no cache)."""
+        return self._steps[batch][0] if batch in self._steps else 0
+
+    def start(self, batch, length):
+        slots = self.cache_length(length) if self.use_past else 0
+        if batch not in self._steps or self.cache_slots(batch) < slots:
             if self.use_past:
-                cache = self.llm.new_cache(batch, self.seq_length)
-                self._steps[batch] = (PrefillStep(self.llm, cache), DecodeStep(self.llm, cache))
+                cache = self.llm.new_cache(batch, slots)
+                self._steps[batch] = (slots, PrefillStep(self.llm, cache), DecodeStep(self.llm, cache))
             else:
-                self._steps[batch] = (PrefillStep(self.llm), None)
-        self._prefill, self._decode = self._steps[batch]
+                self._steps[batch] = (slots, PrefillStep(self.llm), None)
+        _, self._prefill, self._decode = self._steps[batch]
 
     def embed(self, ids, image_embeds, starts):
         if image_embeds is None:
@@ -110,7 +125,7 @@ def generate(engine, rows: List[PromptRow], config: GenerationConfig, image_embe
     if not engine.use_past:
         positions = engine.positions.extend(prompts, positions, padded)
     starts = image_starts(rows)
-    engine.start(batch)
+    engine.start(batch, int(lengths.max()) + config.max_new_tokens)
     chooser = TokenChooser(config)
     stops = [list(map(int, seq)) for seq in config.stop_sequences if len(seq)]
     seen = [list(p) for p in prompts]
