@@ -91,6 +91,45 @@ def test_prompt_that_does_not_fit_says_by_how_much(model):
         model.generate_ids([long_row], config(max_new_tokens=8))
 
 
+def test_the_kv_cache_follows_the_need_and_gives_the_tokens_of_a_full_one(model, monkeypatch):
+    """A batch size's cache holds the next power of two (>= MIN_CACHE) of what its longest request so far needed,
+    up to seq_length; shorter requests reuse it. The tokens are those of a cache of seq_length slots."""
+    from visual_mllm.generation import generator
+    from visual_mllm.generation.generator import MIN_CACHE, EagerEngine, PromptRow, generate
+
+    seq_length = 4 * MIN_CACHE
+    short_row = rows(model)[0]
+    long_row = PromptRow(glm_prompt(model, list(range(10, 10 + MIN_CACHE + 10))))  # needs 2 x MIN_CACHE slots
+    engine = EagerEngine(model.llm, seq_length, model.config.llm_config.pad_token_id)
+    generate(engine, [short_row], config())
+    assert engine.cache_slots(1) == MIN_CACHE
+    grown = generate(engine, [long_row], config())
+    assert engine.cache_slots(1) == 2 * MIN_CACHE
+    engine.start(1, len(short_row.ids) + 6)
+    assert engine.cache_slots(1) == 2 * MIN_CACHE  # reused, not shrunk
+    assert engine.cache_length(seq_length + 1) == seq_length
+    monkeypatch.setattr(generator, "MIN_CACHE", seq_length)  # every cache: seq_length slots
+    full = EagerEngine(model.llm, seq_length, model.config.llm_config.pad_token_id)
+    assert generate(full, [long_row], config()) == grown
+    assert full.cache_slots(1) == seq_length
+
+
+def test_the_image_side_op_by_op_computes_what_its_graph_computes(model, monkeypatch):
+    """image_mode pynative (the memory-lean one) gives the graph's image embeddings; the context's mode is
+    restored after it; an unknown mode is refused by the config."""
+    import mindspore as ms
+    from visual_mllm.models.visualglm import VisualGLMConfig
+
+    size = model.config.image_encoder_config.vit_config.image_size
+    pixels = np.random.default_rng(0).standard_normal((2, 3, size, size)).astype(np.float32)
+    compiled = model.encode_images(pixels)
+    monkeypatch.setattr(model.config, "image_mode", "pynative")
+    np.testing.assert_allclose(model.encode_images(pixels), compiled, rtol=0, atol=1e-5)
+    assert ms.get_context("mode") == ms.GRAPH_MODE
+    with pytest.raises(ValueError, match="image_mode must be one of graph, pynative, not 'eager'"):
+        VisualGLMConfig(image_mode="eager")
+
+
 def test_sampling_with_a_seed_is_reproducible(model):
     from visual_mllm.families import get
     from visual_mllm.generation.sampling import GenerationConfig
