@@ -181,3 +181,19 @@ def test_the_same_request_again_loads_every_graph_from_the_compile_cache(demo_ru
     assert [line for line in again.stdout.splitlines() if line.startswith("answer:")] == \
         [line for line in first.stdout.splitlines() if line.startswith("answer:")]
     assert os.listdir(base / "work") == []
+
+
+def test_another_question_of_the_same_shapes_loads_the_graphs_and_answers_as_compiled_ones_do(demo_run):
+    """The cache folder is keyed by the graphs a run compiles (batch, image, padded prompt length, cache slots),
+    not by the words: another question of the demo's prompt bucket compiles nothing and gets the answer of a
+    run that compiles its graphs."""
+    _, base = demo_run
+    question = ("--prompt", "这张图片里有什么？")
+    cached = as_a_newcomer("run_infer.py", "--timings", *question, folder=base / "work", cache=base / "cache")
+    compiled = as_a_newcomer("run_infer.py", "--no_compile_cache", *question, folder=base / "work",
+                             cache=base / "cache")
+    assert cached.returncode == 0 and compiled.returncode == 0, cached.stderr + compiled.stderr
+    cache_line = next(line for line in cached.stdout.splitlines() if "compile cache" in line)
+    assert re.search(r": 0 graph\(s\) compiled and saved, \d+ found there$", cache_line), cache_line
+    answers = [[line for line in run.stdout.splitlines() if line.startswith("answer:")] for run in (cached, compiled)]
+    assert answers[0] == answers[1] and len(answers[0]) == 1

@@ -95,6 +95,23 @@ def prepare_batch(model, processor, requests, max_new_tokens) -> PreparedBatch:
     return PreparedBatch(list(requests), [p[0] for p in prepared], pixel_values, [p[2] for p in prepared])
 
 
+def graph_shapes(model, processor, requests, generation_config, batch_size, use_past=None):
+    """What decides the graphs that answering `requests` in batches of `batch_size` compiles, in order: per
+    batch (rows, with an image or not, padded prompt length, KV cache slots). Requests with other words but
+    these shapes compile the same graphs. Only the prompts are tokenised (no image is read)."""
+    engine = model.engine(use_past)
+    new_tokens = generation_config.max_new_tokens
+    shapes = []
+    for start in range(0, len(requests), batch_size):
+        chunk = requests[start:start + batch_size]
+        longest = max(len(processor.prompt_builder.fit_history(
+            r.prompt, r.history, model.config.seq_length - new_tokens, has_image=r.image is not None,
+            english=r.english)[1].input_ids) for r in chunk)
+        shapes.append((len(chunk), any(r.image is not None for r in chunk), engine.padded_length(longest, new_tokens),
+                       engine.cache_length(longest + new_tokens) if engine.use_past else 0))
+    return shapes
+
+
 class StepClock:
     """A streamer hook (put/end, see generation/streamer.py) noting when each row received its tokens;
     it passes every call on to `inner` (e.g. a TextStreamer)."""

@@ -165,13 +165,19 @@ def load_model(args):
     return load_yaml_model(args.config, args.lora_checkpoint, **overrides)
 
 
-def use_compile_cache(args, model, inputs, gen):
+def use_compile_cache(args, model, processor, inputs, gen):
     """Turn on the compile cache for a run that answers `inputs` (its folder, or None: off, --chat, whose
-    graphs follow the conversation, lite mode, which compiles nothing of its own, PyNative)."""
+    graphs follow the conversation, lite mode, which compiles nothing of its own, PyNative). The folder is
+    that of the graphs the run compiles (inference.graph_shapes), not of the requests' words."""
     if not args.compile_cache or args.chat or args.mode == "lite" or not args.graph_mode:
         return None
-    return enable_compile_cache({"mode": args.mode, "model": model.config.to_dict(), "batch_size": args.batch_size,
-                                 "generation": gen, "requests": [fields for fields, _ in inputs],
+    from ..inference import graph_shapes
+
+    try:
+        shapes = graph_shapes(model, processor, [request for _, request in inputs], gen, args.batch_size)
+    except ValueError:  # a request that cannot be answered: the run reports it; no graph to cache
+        return None
+    return enable_compile_cache({"mode": args.mode, "model": model.config.to_dict(), "shapes": shapes,
                                  "device": args.device_target})
 
 
@@ -252,7 +258,7 @@ def main(argv=None):
 
         gen = generation_config(args, family_of(model.config), model.config.llm_config.eos_token_id)
         run = make_runner(args, model, processor, gen)
-        cache_folder = use_compile_cache(args, model, inputs, gen)
+        cache_folder = use_compile_cache(args, model, processor, inputs, gen)
         cached_before = cached_graphs(cache_folder) if cache_folder else {}
         stream = sys.stdout.isatty() if args.stream is None else args.stream
 
