@@ -6,7 +6,7 @@ n counting the compilations, and a later process with the same path loads file n
 instead of compiling, without checking that it is the same graph: a run whose sequence of graphs differs
 (another config, batch size or prompt-length bucket) gets wrong graphs (measured: a GatherD index error, or
 wrong tokens). So each run type has its own folder, `<cache>/compile/<key>`, the key hashing the package
-version and sources, the MindSpore version and the caller's description of the run (model config, requests,
+version and sources, the MindSpore version and the caller's description of the run (model config, graph shapes,
 flags): only a run that compiles the same graphs in the same order shares a folder. The KEEP folders used
 last are kept, older ones deleted.
 
