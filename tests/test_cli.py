@@ -67,7 +67,7 @@ def test_help_and_a_bad_flag_leave_the_folder_empty(tmp_path):
 
 
 def test_text_only_and_several_requests_in_one_batch(tmp_path):
-    result = run(tmp_path, "--max_new_tokens", "4", "--batch_size", "2", "--image_mode", "pynative",
+    result = run(tmp_path, "--max_new_tokens", "4", "--batch_size", "2", "--prefill_mode", "pynative",
                  "--image_path", "none", "--prompt", "你好，你是谁？",
                  "--image_path", os.path.join(REPO_ROOT, "examples", "images", "coffee.png"), "--prompt", "这是什么？")
     assert result.returncode == 0, result.stderr

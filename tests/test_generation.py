@@ -114,20 +114,29 @@ def test_the_kv_cache_follows_the_need_and_gives_the_tokens_of_a_full_one(model,
     assert full.cache_slots(1) == seq_length
 
 
-def test_the_image_side_op_by_op_computes_what_its_graph_computes(model, monkeypatch):
-    """image_mode pynative (the memory-lean one) gives the graph's image embeddings; the context's mode is
-    restored after it; an unknown mode is refused by the config."""
+def test_prefill_op_by_op_gives_what_its_graphs_give(model, monkeypatch):
+    """prefill_mode pynative (the memory-lean one: image encoding, embedding and prefill op by op, decode compiled)
+    gives the graphs' image embeddings and greedy tokens, and restores the context's mode; an unknown mode is
+    refused by the config."""
     import mindspore as ms
+    from visual_mllm.generation.generator import EagerEngine, PromptRow, generate
     from visual_mllm.models.visualglm import VisualGLMConfig
 
     size = model.config.image_encoder_config.vit_config.image_size
     pixels = np.random.default_rng(0).standard_normal((2, 3, size, size)).astype(np.float32)
+    image_row = PromptRow(glm_prompt(model, [5, 6] + [model.placeholder_id] * model.num_image_tokens + [7, 8]), 2)
+    batch = [image_row, rows(model)[0]]  # an image row and a text-only one
     compiled = model.encode_images(pixels)
-    monkeypatch.setattr(model.config, "image_mode", "pynative")
-    np.testing.assert_allclose(model.encode_images(pixels), compiled, rtol=0, atol=1e-5)
+    tokens = generate(model.engine(), batch, config(), compiled)
+    monkeypatch.setattr(model.config, "prefill_mode", "pynative")
+    op_by_op = model.encode_images(pixels)
+    np.testing.assert_allclose(op_by_op, compiled, rtol=0, atol=1e-5)
+    lean = EagerEngine(model.llm, model.config.seq_length, model.config.llm_config.pad_token_id,
+                       prefill_mode="pynative")
+    assert generate(lean, batch, config(), op_by_op) == tokens
     assert ms.get_context("mode") == ms.GRAPH_MODE
-    with pytest.raises(ValueError, match="image_mode must be one of graph, pynative, not 'eager'"):
-        VisualGLMConfig(image_mode="eager")
+    with pytest.raises(ValueError, match="prefill_mode must be one of graph, pynative, not 'eager'"):
+        VisualGLMConfig(prefill_mode="eager")
 
 
 def test_sampling_with_a_seed_is_reproducible(model):

@@ -45,8 +45,8 @@ BLIP2_FAMILIES = {
                      "Describe this image in detail."),
 }
 FAMILY_ORDER = ("visualglm", "minigpt4", "minigpt4qwen")
-# the memory-lean run: the image side op by op, whose temporaries are freed (a graph keeps ~1 GB of them)
-LEAN, LEAN_FLAGS = "image op by op", ("--image_mode", "pynative")
+# the memory-lean run: image encoding and prefill op by op, whose temporaries are freed (graphs keep ~2 GB)
+LEAN, LEAN_FLAGS = "prefill op by op", ("--prefill_mode", "pynative")
 POOL_CHUNK = 64 << 20
 GB = 1e9
 

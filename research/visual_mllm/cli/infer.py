@@ -50,9 +50,10 @@ def build_parser():
     p.add_argument("--batch_size", type=int, default=1, help="requests generated together")
     add_bool_flag(p, "--use_past", default=None, help="KV cache (default: the YAML's use_past)")
     p.add_argument("--seq_length", type=int, default=None, help="context length (default: the YAML's)")
-    p.add_argument("--image_mode", default=None, choices=["graph", "pynative"],
-                   help="run the image side compiled (graph: fastest per image) or op by op (pynative: no "
-                        "compile, ~1 GB less peak memory at the real sizes); default: the YAML's image_mode")
+    p.add_argument("--prefill_mode", default=None, choices=["graph", "pynative"],
+                   help="run image encoding and the prompt's prefill compiled (graph: fastest on repeated shapes) "
+                        "or op by op (pynative: nothing compiled, ~2 GB less peak memory at the real sizes); "
+                        "decode steps are compiled either way; default: the YAML's prefill_mode")
     p.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
                    help="hold every tower's Linear and Embedding weights in this dtype (default: the YAML's "
                         "param_dtype, i.e. as converted); float16/bfloat16 halve the memory")
@@ -95,8 +96,8 @@ def check_args(args):
         if args.lora_checkpoint and args.lora_checkpoint.lower() != "none":
             raise ValueError("--mode lite runs exported graphs: export with export_lite_model.py "
                              "--lora_checkpoint to include LoRA weights")
-        if args.image_mode:
-            raise ValueError("--image_mode belongs to the eager modes: lite mode runs the exported image graph")
+        if args.prefill_mode:
+            raise ValueError("--prefill_mode belongs to the eager modes: lite mode runs the exported graphs")
     elif lite_flags:
         raise ValueError(f"--{lite_flags[0]} belongs to --mode lite")
     if args.input_file and (args.prompt or args.image_path):
@@ -158,7 +159,7 @@ def load_model(args):
         exported.check_request(args.batch_size, args.seq_length, args.use_past)
         return exported, exported.load_processor()
     overrides = {k: v for k, v in (("use_past", args.use_past), ("seq_length", args.seq_length),
-                                   ("image_mode", args.image_mode)) if v is not None}
+                                   ("prefill_mode", args.prefill_mode)) if v is not None}
     from ..registry import precision_overrides
 
     overrides.update(precision_overrides(args.dtype, args.compute_dtype, args.quantize))

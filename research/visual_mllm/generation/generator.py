@@ -21,7 +21,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 from .sampling import GenerationConfig, TokenChooser
-from .steps import DecodeStep, EmbedStep, PrefillStep
+from .steps import PREFILL_MODES, DecodeStep, EmbedStep, PrefillStep, execution_mode
 
 BUCKET = 16  # prompt lengths are padded up to a multiple of this, so few distinct graphs are compiled
 # The smallest KV cache (slots): caches grow by powers of two from here up to seq_length, as requests need
@@ -55,12 +55,13 @@ class EagerEngine:
     and per-token attention for 2048 slots, and a session compiles at most log2(seq_length / MIN_CACHE) + 1
     decode graphs per batch size (a larger cache replaces the smaller one)."""
 
-    def __init__(self, llm, seq_length, pad_token_id, use_past=True):
+    def __init__(self, llm, seq_length, pad_token_id, use_past=True, prefill_mode="graph"):
         self.llm = llm
         self.positions = llm.positions
         self.seq_length = seq_length
         self.pad_token_id = pad_token_id
         self.use_past = use_past
+        self.prefill_mode = PREFILL_MODES[prefill_mode]  # embed and prefill run so; decode is compiled
         self.embed_step = EmbedStep(llm)
         self._steps = {}
         self._prefill = self._decode = None
@@ -88,11 +89,13 @@ class EagerEngine:
     def embed(self, ids, image_embeds, starts):
         if image_embeds is None:
             image_embeds = np.zeros((ids.shape[0], 1, self.llm.config.hidden_size), np.float32)
-        return self.embed_step(Tensor(ids), Tensor(image_embeds, ms.float32), Tensor(starts))
+        with execution_mode(self.prefill_mode):
+            return self.embed_step(Tensor(ids), Tensor(image_embeds, ms.float32), Tensor(starts))
 
     def prefill(self, inputs_embeds, position_ids, valid_length, prefix_length):
-        return self._prefill(inputs_embeds, Tensor(position_ids), Tensor(valid_length),
-                             Tensor(prefix_length)).asnumpy()
+        with execution_mode(self.prefill_mode):
+            return self._prefill(inputs_embeds, Tensor(position_ids), Tensor(valid_length),
+                                 Tensor(prefix_length)).asnumpy()
 
     def decode(self, ids, position_ids, valid_length):
         return self._decode(Tensor(ids), Tensor(position_ids), Tensor(valid_length)).asnumpy()

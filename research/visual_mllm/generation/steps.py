@@ -8,8 +8,26 @@ They are family-neutral: they only use the LLM interface of `llm/base.py`.
 * `DecodeStep`  input_ids [B,1], position_ids [B,P,1], valid_length [B] -> logits [B,V]
                 (valid_length = tokens already cached per row = the index the new token is written at)
 """
+from contextlib import contextmanager
+
 import mindspore as ms
 from mindspore import nn, ops
+
+# How the steps that run once per request (image encoding, embedding, the prompt's prefill) run; the decode
+# step, run once per token, is always compiled. See VisionLanguageConfig.prefill_mode.
+PREFILL_MODES = {"graph": ms.GRAPH_MODE, "pynative": ms.PYNATIVE_MODE}
+
+
+@contextmanager
+def execution_mode(mode):
+    """Run the block in MindSpore's `mode` (GRAPH_MODE / PYNATIVE_MODE), then restore the context's mode.
+    Graphs compiled before stay compiled: switching costs nothing but the block's own execution."""
+    before = ms.get_context("mode")
+    ms.set_context(mode=mode)
+    try:
+        yield
+    finally:
+        ms.set_context(mode=before)
 
 
 def splice_image(text_embeds, image_embeds, image_start):

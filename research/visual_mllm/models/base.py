@@ -5,7 +5,6 @@ A family subclasses `VisionLanguageConfig` (naming its decoder's config class) a
 loading are the same for all of them.
 """
 import os
-from contextlib import contextmanager
 
 import numpy as np
 import mindspore as ms
@@ -14,25 +13,10 @@ from mindformers.models.modeling_utils import PreTrainedModel
 
 from ..configuration import StrictConfig
 from ..generation.generator import EagerEngine, PromptRow, generate
-from ..generation.steps import splice_image
+from ..generation.steps import PREFILL_MODES, execution_mode, splice_image
 from ..vision.image_encoder import ImageEncoder, ImageEncoderConfig
 from .pretrained import PretrainedIOMixin
 from .weights import deferred_init, load_checkpoints
-
-
-IMAGE_MODES = {"graph": ms.GRAPH_MODE, "pynative": ms.PYNATIVE_MODE}
-
-
-@contextmanager
-def execution_mode(mode):
-    """Run the block in MindSpore's `mode` (GRAPH_MODE / PYNATIVE_MODE), then restore the context's mode.
-    Graphs compiled before stay compiled: switching costs nothing but the block's own execution."""
-    before = ms.get_context("mode")
-    ms.set_context(mode=mode)
-    try:
-        yield
-    finally:
-        ms.set_context(mode=before)
 
 
 class VisionLanguageConfig(StrictConfig):
@@ -47,18 +31,21 @@ class VisionLanguageConfig(StrictConfig):
         writes; or `checkpoint_name_or_path` for one file holding everything. None everywhere = random
         weights (the built-in tiny demo; see `seed`).
     seed: initialisation seed used when no checkpoint is given, so the demo model is reproducible.
-    image_mode: how inference runs the image side. "graph": compiled once, the fastest per image; but a
-        MindSpore CPU graph keeps some kernels' outputs (every attention's head transposes) until the process
-        ends, ~17 MB per ViT-g block (+1 GB for the real EVA ViT-g). "pynative": op by op, no compile, its
-        temporaries freed as it goes; slower per image. The memory-lean choice for one-off runs of the real
-        sizes (run_infer.py --image_mode pynative); exported graphs and training are not affected.
+    prefill_mode: how inference runs what runs once per request: image encoding and the prompt's prefill
+        (the per-token decode step is always compiled). "graph": compiled once per shape, the fastest on
+        repeated shapes; but a MindSpore CPU graph keeps some kernels' outputs (attention's head transposes,
+        the rotary) until the process ends: ~17 MB per ViT-g block and ~35 MB per GLM layer at a 64-token
+        prompt, ~2 GB for a real-size request. "pynative": op by op, nothing compiled, temporaries freed as
+        it goes: the memory-lean choice for one-off runs of the real sizes (run_infer.py --prefill_mode
+        pynative), as fast there (a 7B model's matmuls dwarf the per-op cost) and slower on the tiny models.
+        Exported graphs and training are not affected.
     """
 
     llm_config_class = None  # set by each family: the config class of its decoder
 
     def __init__(self, image_encoder_config=None, llm_config=None, seq_length=512, use_past=True,
                  image_placeholder=None, vit_checkpoint=None, qformer_checkpoint=None, llm_checkpoint=None,
-                 seed=0, image_mode="graph", **kwargs):
+                 seed=0, prefill_mode="graph", **kwargs):
         self.image_encoder_config = self.sub_config(image_encoder_config, ImageEncoderConfig)
         self.llm_config = self.sub_config(llm_config, self.llm_config_class)
         self.seq_length = seq_length
@@ -68,9 +55,10 @@ class VisionLanguageConfig(StrictConfig):
         self.qformer_checkpoint = qformer_checkpoint
         self.llm_checkpoint = llm_checkpoint
         self.seed = seed
-        if image_mode not in IMAGE_MODES:
-            raise ValueError(f"model_config.image_mode must be one of {', '.join(IMAGE_MODES)}, not {image_mode!r}")
-        self.image_mode = image_mode
+        if prefill_mode not in PREFILL_MODES:
+            raise ValueError(f"model_config.prefill_mode must be one of {', '.join(PREFILL_MODES)}, "
+                             f"not {prefill_mode!r}")
+        self.prefill_mode = prefill_mode
         super().__init__(**kwargs)
 
     def checkpoint_files(self):
@@ -152,8 +140,8 @@ class VisionLanguageModel(PretrainedIOMixin, PreTrainedModel):
         return self.config.image_encoder_config.qformer_config.num_query_tokens
 
     def encode_images(self, pixel_values):
-        """pixel_values numpy [B,3,H,W] -> image embeddings numpy [B,Q,H_llm], run as config.image_mode says."""
-        with execution_mode(IMAGE_MODES[self.config.image_mode]):
+        """pixel_values numpy [B,3,H,W] -> image embeddings numpy [B,Q,H_llm], run as config.prefill_mode says."""
+        with execution_mode(PREFILL_MODES[self.config.prefill_mode]):
             return self.image_encoder(Tensor(np.asarray(pixel_values, np.float32))).asnumpy()
 
     def construct(self, input_ids, image_embeds, image_start, position_ids, valid_length, prefix_length):
@@ -166,7 +154,8 @@ class VisionLanguageModel(PretrainedIOMixin, PreTrainedModel):
         use_past = self.config.use_past if use_past is None else use_past
         if use_past not in self._engines:
             self._engines[use_past] = EagerEngine(self.llm, self.config.seq_length,
-                                                  self.config.llm_config.pad_token_id, use_past=use_past)
+                                                  self.config.llm_config.pad_token_id, use_past=use_past,
+                                                  prefill_mode=self.config.prefill_mode)
         return self._engines[use_past]
 
     def generate_ids(self, rows, generation_config, pixel_values=None, streamer=None, use_past=None):
