@@ -106,9 +106,44 @@ def server(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"server_{family}")
     with served(folder, "--config", config, "--max_batch_size", 4, "--batch_window_ms", 200,
                 "--served_model_name", f"{family}-fixture", "--max_image_mb", 1, "--max_image_pixels", 300_000,
+                *([] if family == "visualglm" else ["--quick_start"]),  # the batch tests run on VisualGLM
                 env={"VISUAL_MLLM_API_KEY": API_KEY}) as (url, log_path):
         yield family, url, log_path, f"{family}-fixture", new_tokens(family) if family != "visualglm" else \
             load_json("visualglm", "reference.json")["n_new_tokens"], cases(family)
+
+
+@pytest.fixture(scope="module")
+def exported_server(converted_visualglm, tmp_path_factory):
+    """The server on the graphs export_lite_model.py writes for the converted VisualGLM fixture (batch 2, the
+    context the longest sample needs, as test_run_infer_families.py exports them)."""
+    import math
+
+    folder = tmp_path_factory.mktemp("server_exported")
+    config = converted_visualglm / "run_visualglm.yaml"
+    samples = cases("visualglm")
+    reference = load_json("visualglm", "reference.json")
+    longest = max(s["prompt_len"] for s in reference["samples"])
+    seq_length = 32 * math.ceil((longest + reference["n_new_tokens"]) / 32)
+    export = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "export_lite_model.py"), "--mode", "export",
+                             "--config", str(config), "--use_past", "True", "--seq_length", str(seq_length),
+                             "--batch_size", "2", "--output_dir", str(folder / "graphs")], cwd=folder,
+                            env=dict(os.environ, LOCAL_DEFAULT_PATH=str(folder / "log")), capture_output=True,
+                            timeout=900, stdin=subprocess.DEVNULL)
+    assert export.returncode == 0, export.stderr.decode(errors="replace")[-3000:]
+    with served(folder, "--export_dir", folder / "graphs", "--batch_window_ms", 200) as (url, log_path):
+        yield "visualglm", url, log_path, "graphs", reference["n_new_tokens"], samples
+
+
+def test_exported_graphs_give_the_reference_tokens(exported_server):
+    """--export_dir: every sample plain and streamed, then all of them at once (batches of the exported 2)."""
+    samples = exported_server[5]
+    for name, messages, english, ids, answer, _ in samples:
+        for stream in (False, True):
+            assert ask(exported_server, messages, english, stream)[:2] == (answer, ids), (name, stream)
+    with concurrent.futures.ThreadPoolExecutor(len(samples)) as pool:
+        results = list(pool.map(lambda case: ask(exported_server, case[1], case[2]), samples))
+    assert [r[:2] for r in results] == [(case[4], case[3]) for case in samples]
+    assert health(exported_server[1])["batches"]["largest_batch"] == 2
 
 
 def client(url, key=API_KEY):
@@ -158,12 +193,12 @@ def test_every_sample_gives_the_reference_tokens(server, stream):
 
 
 def test_parallel_clients_share_batches(server):
-    """Every sample twice, all at once: each answer is the one it gets alone; batches of several ran; every
+    """Four requests of the samples, all at once: each answer is the one it gets alone; batches of several ran; every
     request is answered once (distinct ids, the completed count grows by exactly the number sent)."""
     family, url, log_path, _, _, samples = server
     if family != "visualglm":
         pytest.skip("run on one family: the batcher is family-neutral")
-    jobs = samples * 2
+    jobs = (samples * 2)[:4]  # one batch of --max_batch_size when they arrive within the batch window
     before = health(url)["batches"]
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
         results = list(pool.map(lambda case: ask(server, case[1], case[2]), jobs))
@@ -173,6 +208,24 @@ def test_parallel_clients_share_batches(server):
     assert after["largest_batch"] > 1, after
     log = log_path.read_text(errors="replace")
     assert "request(s) in a batch of" in log
+
+
+def test_stop_text_cuts_the_answer(server):
+    """`stop`: the answer ends before the first stop text, streamed and not, with finish_reason stop."""
+    family, url, _, model, max_tokens, samples = server
+    if family != "visualglm":
+        pytest.skip("run on one family: the batcher is family-neutral")
+    _, messages, english, _, answer, _ = samples[0]
+    position = next(i for i in range(len(answer) // 2, len(answer)) if answer[i].isalnum())
+    stop = answer[position]
+    expected = answer[:answer.find(stop)]
+    kwargs = dict(model=model, messages=messages, temperature=0, max_tokens=max_tokens, stop=[stop, "never seen"],
+                  extra_body={"english": english})
+    plain = client(url).chat.completions.create(**kwargs).choices[0]
+    assert (plain.message.content, plain.finish_reason) == (expected, "stop")
+    chunks = list(client(url).chat.completions.create(stream=True, **kwargs))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -24,7 +24,7 @@ def test_upload_ask_and_see_the_answer(tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
     from visual_mllm.paths import DEMO_IMAGE
 
-    with served(tmp_path) as (url, _), sync_api.sync_playwright() as playwright:
+    with served(tmp_path, "--quick_start") as (url, _), sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
         try:
             page = browser.new_page()

@@ -6,8 +6,9 @@ The model is chat_inference's mid-size VisualGLM (random weights; its tiny token
 process by uvicorn on a loopback port with --max_batch_size 8; the clients are threads streaming with
 httpx (time to first token = until the first answer text arrives). Every request carries an image and a
 different question; greedy, at most `new_tokens` tokens (a row may end earlier at the end token, so
-tokens/s counts the tokens really generated, from the responses' usage). Each concurrency runs its
-requests once untimed first (it compiles the batch shapes it will use).
+tokens/s counts the tokens really generated, from the responses' usage). The server compiles every batch
+size while it warms up; each concurrency also runs its requests once untimed first, as the sequential
+baseline does.
 """
 import base64
 import concurrent.futures
@@ -42,14 +43,15 @@ def png_data_url(size, seed):
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def bodies(count, image_url, new_tokens):
-    questions = ["描述这张图片。", "图片里有什么？", "这是什么颜色？", "图中有几个人？", "这是在哪里？", "请详细描述。",
-                 "它在做什么？", "你看到了什么？"]
+def bodies(count, size, new_tokens):
+    """`count` requests: the same question about different images (one prompt length: the batch shapes the
+    server compiled while warming up are the only ones used)."""
     return [{"model": MODEL_ID, "stream": True, "temperature": 0, "max_tokens": new_tokens,
              "stream_options": {"include_usage": True},
-             "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
-                                                       {"type": "text", "text": questions[i % len(questions)]}]}]}
-            for i in range(count)]
+             "messages": [{"role": "user", "content": [
+                 {"type": "image_url", "image_url": {"url": png_data_url(size, seed)}},
+                 {"type": "text", "text": "描述这张图片。"}]}]}
+            for seed in range(count)]
 
 
 def stream_one(url, body):
@@ -123,11 +125,10 @@ def run(settings: Settings) -> Section:
     section = Section("serving")
     section.config.append(f"- serving: chat_inference's {'quick' if settings.quick else 'mid-size'} VisualGLM "
                           f"(LLM hidden {sizes.hidden_size}, {sizes.num_layers} layers); {count} requests per "
-                          f"concurrency, each with a {sizes.image_size} px image, greedy, at most "
+                          f"concurrency, the same question about {count} different {sizes.image_size} px images, greedy, at most "
                           f"{sizes.new_tokens} new tokens; server --max_batch_size {max(CONCURRENCY)}")
     model, processor = build_visualglm(sizes)
-    image_url = png_data_url(sizes.image_size, 0)
-    requests = bodies(count, image_url, sizes.new_tokens)
+    requests = bodies(count, sizes.image_size, sizes.new_tokens)
     seq_s, seq_tokens = sequential(model, processor, requests)
     add = section.rows.append
     add(Row("sequential Python API: requests/s", count / seq_s, "req/s", count, "inference.answer, one by one"))

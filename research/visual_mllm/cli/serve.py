@@ -48,6 +48,9 @@ def build_parser():
     add_bool_flag(p, "--allow_remote_images", default=False,
                   help="fetch http(s) image URLs (within --max_image_mb and --remote_image_timeout)")
     p.add_argument("--remote_image_timeout", type=float, default=10.0, help="seconds")
+    p.add_argument("--quick_start", action="store_true",
+                   help="warm up only one-row batches (larger ones compile when first run) instead of every batch "
+                        "size up to --max_batch_size")
     p.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
     add_device_args(p)
     return p
@@ -108,7 +111,7 @@ def main(argv=None):
     options = ServerOptions(
         model_id=model_name(args), max_batch_size=max_batch_size, max_queue=args.max_queue_size,
         batch_window_ms=args.batch_window_ms, default_max_tokens=args.max_tokens,
-        max_request_bytes=int(args.max_request_mb * MB), api_key=api_key,
+        max_request_bytes=int(args.max_request_mb * MB), api_key=api_key, warm_up_all=not args.quick_start,
         images=ImageLimits(int(args.max_image_mb * MB), args.max_image_pixels, args.image_dir,
                            args.allow_remote_images, args.remote_image_timeout))
     set_device(args)

@@ -12,6 +12,7 @@ the generated ids). Every error is OpenAI's error JSON; no traceback reaches a c
 under the request's id).
 """
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -97,11 +98,13 @@ def sse(data):
 def create_app(service):
     """The FastAPI app serving `service` (a serve.service.Service; started by the app's startup)."""
     options = service.options
-    app = FastAPI(title="visual_mllm", docs_url=None, redoc_url=None, openapi_url=None)
 
-    @app.on_event("startup")
-    async def load_model():
-        service.start()
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        service.start()  # in the background: /health says 503 until the model is loaded and warmed up
+        yield
+
+    app = FastAPI(title="visual_mllm", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
 
     @app.exception_handler(APIError)
     async def api_error(_request, err):

@@ -15,10 +15,11 @@ from typing import Callable, Optional
 from PIL import Image
 
 from ..families import family_of
+from ..generation.generator import EagerEngine
 from ..generation.sampling import demo_generation_config
 from ..inference import ChatRequest, generate_batch, prepare, prepare_batch
 from ..processing.prompt import PromptTooLongError
-from .batcher import Batcher, Job
+from .batcher import Batcher, Job, bucket
 from .errors import APIError, bad_request
 from .messages import ImageLimits, to_chat_request
 
@@ -35,6 +36,7 @@ class ServerOptions:
     max_request_bytes: int = 20 << 20   # request body (413 above)
     images: ImageLimits = field(default_factory=ImageLimits)
     api_key: Optional[str] = None       # None: no key needed
+    warm_up_all: bool = True            # compile every batch size the batcher runs before /health says ready
 
 
 class Service:
@@ -71,11 +73,18 @@ class Service:
             self.state = f"failed: {err}"
 
     def warm_up(self):
-        """Compile the graphs of a one-row batch with an image: the first request then answers at full speed."""
+        """Compile the graphs of the batch sizes the batcher runs (see batcher.bucket; only one row without
+        warm_up_all, or on exported graphs, which pad every batch to theirs), with an image."""
         image = Image.new("RGB", (64, 64))  # resized to the model's image size like any other
         config = demo_generation_config({}, 2, self.model.config.llm_config.eos_token_id)
-        batch = prepare_batch(self.model, self.processor, [ChatRequest("hello", image)], config.max_new_tokens)
-        generate_batch(self.model, self.processor, batch, config)
+        sizes = sorted({bucket(n, self.options.max_batch_size) for n in range(1, self.options.max_batch_size + 1)})
+        if not self.options.warm_up_all or not isinstance(self.model.engine(), EagerEngine):
+            sizes = [1]
+        for size in sizes:
+            batch = prepare_batch(self.model, self.processor, [ChatRequest("hello", image)] * size,
+                                  config.max_new_tokens)
+            generate_batch(self.model, self.processor, batch, config)
+            log.info("warmed up: batches of %d row(s)", size)
 
     def check_ready(self):
         if self.state.startswith("failed"):
