@@ -28,6 +28,9 @@ httpx = pytest.importorskip("httpx")
 
 API_KEY = "test-key-123"
 FAMILIES = ["visualglm", "minigpt4", "minigpt4qwen"]
+# the batcher, the limits and the errors are family-neutral: those tests run on one family's server (the same
+# module-scoped instance: an indirect parameter equal to one of the fixture's own)
+ON_VISUALGLM = pytest.mark.parametrize("server", ["visualglm"], indirect=True)
 
 
 def free_port():
@@ -151,23 +154,25 @@ def client(url, key=API_KEY):
 
 
 def ask(server, messages, english, stream=False):
-    """(answer text, token ids, usage) of one greedy request through the openai client."""
+    """(answer text, token ids, usage, completion id) of one greedy request through the openai client."""
     _, url, _, model, max_tokens, _ = server
     kwargs = dict(model=model, messages=messages, temperature=0, max_tokens=max_tokens,
                   extra_body={"english": english, "return_token_ids": True})
     if not stream:
         response = client(url).chat.completions.create(**kwargs)
         choice = response.choices[0]
-        return choice.message.content, choice.model_extra["token_ids"], response.usage
-    text, ids, usage = "", None, None
+        return choice.message.content, choice.model_extra["token_ids"], response.usage, response.id
+    text, ids, usage, ids_seen = "", None, None, set()
     for chunk in client(url).chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs):
+        ids_seen.add(chunk.id)
         if chunk.usage is not None:
             usage = chunk.usage
         for choice in chunk.choices:
             text += choice.delta.content or ""
             if choice.finish_reason is not None:
                 ids = choice.model_extra["token_ids"]
-    return text, ids, usage
+    assert len(ids_seen) == 1, ids_seen  # every chunk of one completion carries its id
+    return text, ids, usage, ids_seen.pop()
 
 
 def health(url):
@@ -183,7 +188,7 @@ def test_models_and_health(server):
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
 def test_every_sample_gives_the_reference_tokens(server, stream):
     for name, messages, english, ids, answer, prompt_tokens in server[5]:
-        text, got_ids, usage = ask(server, messages, english, stream)
+        text, got_ids, usage, _ = ask(server, messages, english, stream)
         assert got_ids == ids, name
         assert text == answer, name
         assert usage.completion_tokens == len(ids), name
@@ -192,17 +197,17 @@ def test_every_sample_gives_the_reference_tokens(server, stream):
             assert usage.prompt_tokens == prompt_tokens, name
 
 
+@ON_VISUALGLM
 def test_parallel_clients_share_batches(server):
     """Four requests of the samples, all at once: each answer is the one it gets alone; batches of several ran; every
     request is answered once (distinct ids, the completed count grows by exactly the number sent)."""
-    family, url, log_path, _, _, samples = server
-    if family != "visualglm":
-        pytest.skip("run on one family: the batcher is family-neutral")
+    _, url, log_path, _, _, samples = server
     jobs = (samples * 2)[:4]  # one batch of --max_batch_size when they arrive within the batch window
     before = health(url)["batches"]
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
         results = list(pool.map(lambda case: ask(server, case[1], case[2]), jobs))
-    assert [(text, ids) for text, ids, _ in results] == [(case[4], case[3]) for case in jobs]
+    assert [result[:2] for result in results] == [(case[4], case[3]) for case in jobs]
+    assert len({result[3] for result in results}) == len(jobs)
     after = health(url)["batches"]
     assert after["completed"] - before["completed"] == len(jobs)
     assert after["largest_batch"] > 1, after
@@ -210,11 +215,10 @@ def test_parallel_clients_share_batches(server):
     assert "request(s) in a batch of" in log
 
 
+@ON_VISUALGLM
 def test_stop_text_cuts_the_answer(server):
     """`stop`: the answer ends before the first stop text, streamed and not, with finish_reason stop."""
-    family, url, _, model, max_tokens, samples = server
-    if family != "visualglm":
-        pytest.skip("run on one family: the batcher is family-neutral")
+    _, url, _, model, max_tokens, samples = server
     _, messages, english, _, answer, _ = samples[0]
     position = next(i for i in range(len(answer) // 2, len(answer)) if answer[i].isalnum())
     stop = answer[position]
@@ -284,11 +288,10 @@ BAD = {  # name -> (request body or raw bytes, API key, status, code, words the 
 }
 
 
+@ON_VISUALGLM
 @pytest.mark.parametrize("name", list(BAD))
 def test_bad_input_is_a_clear_error_and_the_server_goes_on(server, name):
-    family, url, _, model, _, samples = server
-    if family != "visualglm":
-        pytest.skip("run on one family: the checks are family-neutral")
+    _, url, _, model, _, samples = server
     body, key, status, code, words = BAD[name]
     raw = body if isinstance(body, bytes) else None
     if raw is None and body.get("model") == "M":
@@ -306,10 +309,9 @@ def test_bad_input_is_a_clear_error_and_the_server_goes_on(server, name):
     assert ask(server, messages, english)[:2] == (answer, ids)  # the next request is answered
 
 
+@ON_VISUALGLM
 def test_disconnect_mid_stream_frees_the_row(server):
-    family, url, _, model, _, samples = server
-    if family != "visualglm":
-        pytest.skip("run on one family: the batcher is family-neutral")
+    _, url, _, model, _, samples = server
     _, messages, english, ids, answer, _ = samples[0]
     before = health(url)["batches"]["cancelled"]
     body = {"model": model, "messages": messages, "stream": True, "temperature": 0, "max_tokens": 16}
