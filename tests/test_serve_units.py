@@ -96,3 +96,31 @@ def test_a_full_queue_is_429_with_retry_after():
     assert caught.value.status == 429 and caught.value.headers == {"Retry-After": "1"}
     batcher.cancel(first)  # leaves the queue: the worker finds nothing to run
     assert not batcher.waiting and batcher.stats["cancelled"] == 1
+
+
+def test_remote_images_only_when_enabled_within_the_size_limit(tmp_path):
+    """A loopback HTTP server stands in for the web: refused by default, fetched when enabled, 413 when too big."""
+    import functools
+    import http.server
+
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "cat.png")
+    (tmp_path / "big.png").write_bytes(base64.b64decode(png_url(64, 64).split(",")[1]) + b"\0" * 4096)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        with pytest.raises(APIError, match="not enabled"):
+            to_chat_request([with_image(f"{base}/cat.png")], ImageLimits())
+        limits = ImageLimits(max_bytes=2048, remote=True, remote_timeout_s=5)
+        assert to_chat_request([with_image(f"{base}/cat.png")], limits).image.size == (8, 8)
+        with pytest.raises(APIError) as caught:
+            to_chat_request([with_image(f"{base}/big.png")], limits)
+        assert caught.value.status == 413
+        with pytest.raises(APIError, match="cannot fetch"):
+            to_chat_request([with_image(f"{base}/missing.png")], limits)
+    finally:
+        httpd.shutdown()
