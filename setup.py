@@ -11,12 +11,17 @@ RUNTIME = [
     "Pillow",
     "pyyaml",
     "tqdm",
+    # the HTTP server (run_server.py): the convention of this field's OpenAI-compatible servers
+    "fastapi",
+    "uvicorn",
 ]
 EXTRAS = {
     # Reading PyTorch checkpoints (conversion) needs torch; the CPU build lies on the project machines.
     "convert": ["torch==2.13.0", "safetensors"],
     # The test suite compares against transformers' Blip2/LLaMA classes (mindformers pins 4.57.1).
-    "test": ["pytest", "torch==2.13.0", "safetensors", "transformers==4.57.1"],
+    "test": ["pytest", "torch==2.13.0", "safetensors", "transformers==4.57.1",
+             # the server's tests: the official OpenAI client, raw HTTP, and the web page in the OS's Chromium
+             "openai", "httpx", "playwright"],
 }
 
 setup(
@@ -25,13 +30,15 @@ setup(
     description="BLIP-2-style vision-language chat models (VisualGLM-6B, MiniGPT-4, MiniGPT4Qwen) on MindSpore",
     package_dir={"": "research"},
     packages=find_packages(where="research"),
-    package_data={"visual_mllm": ["assets/*", "assets/**/*", "cpu_kernels/*.cc", "cpu_kernels/*.inc"]},
+    package_data={"visual_mllm": ["assets/*", "assets/**/*", "cpu_kernels/*.cc", "cpu_kernels/*.inc",
+                                  "serve/static/*"]},
     # the commands the top-level scripts run (run_infer.py = visual-mllm-infer, ...), on the PATH after install
     entry_points={"console_scripts": [
         "visual-mllm-infer = visual_mllm.cli.infer:main",
         "visual-mllm-convert = visual_mllm.cli.convert:main",
         "visual-mllm-export = visual_mllm.cli.export:main",
         "visual-mllm-finetune = visual_mllm.cli.finetune:main",
+        "visual-mllm-server = visual_mllm.cli.serve:main",
     ]},
     python_requires=">=3.9",
     install_requires=RUNTIME,

@@ -36,6 +36,7 @@ SECTIONS = {
     "precision_decode": "benchmarks.sections.precision_decode",
     "full_size_infer": "benchmarks.sections.full_size_infer",
     "demo_run": "benchmarks.sections.demo_run",
+    "serving": "benchmarks.sections.serving",
 }
 
 

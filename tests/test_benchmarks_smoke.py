@@ -9,7 +9,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RUN = REPO_ROOT / "benchmarks" / "run.py"
 SECTIONS = ("llm_decode", "image_encoding", "chat_inference", "export_lite", "convert_full", "finetune_step",
-            "precision_decode", "full_size_infer", "demo_run")
+            "precision_decode", "full_size_infer", "demo_run", "serving")
 
 CONTEXTS = (128, 512)
 EXPECTED_ROWS = (
@@ -40,6 +40,10 @@ CHAT_ROWS = (
 )
 DEMO_ROWS = ["demo wall time, compile cache off", "demo wall time, compile cache, first run",
              "demo wall time, compile cache, second run", "demo first / second run"]
+SERVING_ROWS = (["sequential Python API: requests/s", "sequential Python API: tokens/s"]
+                + [f"server, {c} clients: {what}" for c in (1, 4, 8) for what in
+                   ("requests/s", "tokens/s", "time to first token p50", "time to first token p95")]
+                + [f"server, {c} clients / sequential: requests/s" for c in (1, 4, 8)])
 FULL_SIZE_ROWS = [f"VisualGLM {dtype}: {what}" for dtype in ("float16", "int8")
                   for what in ("peak RSS (VmHWM)", "model load", "time to first token", "decode")]
 
@@ -74,7 +78,8 @@ def test_quick_benchmark_prints_the_table(tmp_path):
         float(rows[name][2])  # every median is a number
     assert table_rows(report.read_text(encoding="utf-8")) == rows  # --output holds the same table
     for section, expected in (("image_encoding", IMAGE_ROWS), ("chat_inference", CHAT_ROWS),
-                              ("full_size_infer", FULL_SIZE_ROWS), ("demo_run", DEMO_ROWS)):
+                              ("full_size_infer", FULL_SIZE_ROWS), ("demo_run", DEMO_ROWS),
+                              ("serving", SERVING_ROWS)):
         section_rows = table_rows(out, section)
         missing = [name for name in expected if name not in section_rows]
         assert not missing, f"{section} rows missing from the table: {missing}\n{out}"

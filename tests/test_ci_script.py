@@ -19,3 +19,11 @@ def test_ci_runs_the_readme_commands():
     readme = readme_setup_commands()
     assert len(readme) == 2 and readme[1].endswith("python -m pytest tests -q"), readme
     assert ci_commands() == readme
+
+
+def test_ci_installs_the_browser_the_page_test_drives():
+    """tests/test_server_page.py skips without /usr/bin/chromium: CI, on a fresh machine, must install it."""
+    page_test = (REPO / "tests" / "test_server_page.py").read_text(encoding="utf-8")
+    assert 'CHROMIUM = "/usr/bin/chromium"' in page_test
+    script = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    assert "[ -x /usr/bin/chromium ] ||" in script and "apt-get install -y -qq chromium" in script

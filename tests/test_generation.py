@@ -65,6 +65,43 @@ def test_streamer_sees_every_token_in_order(model):
     assert [list(col) for col in zip(*recorder.steps)] == out
 
 
+def test_a_cancelled_row_stops_and_the_others_run_on(model):
+    """generate(cancelled=...): a row finished from outside (a server's client gone) gets no further token;
+    the other rows' tokens are those they get alone; with every row cancelled the loop ends at once."""
+    from visual_mllm.generation.generator import generate
+
+    alone = [model.generate_ids([r], config())[0] for r in rows(model)]
+    steps = []
+
+    class Counter:
+        def put(self, tokens):
+            steps.append(list(tokens))
+
+        def end(self):
+            pass
+
+    out = generate(model.engine(True), rows(model), config(), None, Counter(),
+                   cancelled=lambda: [0] if len(steps) >= 2 else [])
+    assert out[0] == alone[0][:2] and out[1] == alone[1]
+    steps.clear()
+    assert generate(model.engine(True), rows(model), config(), None, Counter(), cancelled=lambda: [0, 1]) == \
+        [alone[0][:1], alone[1][:1]]
+    assert len(steps) == 1
+
+
+def test_text_deltas_add_up_to_the_final_text():
+    from visual_mllm.generation.streamer import TextDeltas
+
+    pieces = ["a", "b", "#", "#", "c"]
+    deltas = TextDeltas(lambda ids: "".join(pieces[i] for i in ids).split("##")[0], holdback=1)
+    given = "".join(deltas.add(i) for i in range(len(pieces)))
+    assert "#" not in given  # the start of the stop sequence is held back
+    assert given + deltas.finish() == "ab" == deltas.text
+    changed = TextDeltas(lambda ids: "xyz"[:len(ids)] if len(ids) < 3 else "Z")
+    assert changed.add(0) + changed.add(1) + changed.add(2) == "x"
+    assert changed.finish() is None and changed.text == "Z"  # rewritten as a whole: the caller is told
+
+
 def test_text_streamer_prints_the_final_text():
     from visual_mllm.generation.streamer import TextStreamer
 

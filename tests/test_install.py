@@ -36,3 +36,8 @@ def test_installed_command_runs_the_demo_from_an_empty_folder(tmp_path):
     assert request.startswith(f"[image: {site}{os.sep}visual_mllm{os.sep}assets{os.sep}demo{os.sep}chelsea.png]")
     assert answer.startswith("answer: 一只虎斑猫")
     assert os.listdir(work) == []
+    # the server's command is installed too, with its web page inside the package
+    assert os.path.isfile(os.path.join(site, "visual_mllm", "serve", "static", "index.html"))
+    served = subprocess.run([str(venv / "bin" / "visual-mllm-server"), "--help"], cwd=work, env=env,
+                            capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert served.returncode == 0 and "--max_batch_size" in served.stdout, served.stderr

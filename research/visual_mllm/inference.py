@@ -87,7 +87,11 @@ def prepare(model, processor, request, max_new_tokens):
 
 
 def prepare_batch(model, processor, requests, max_new_tokens) -> PreparedBatch:
-    prepared = [prepare(model, processor, r, max_new_tokens) for r in requests]
+    return assemble_batch(requests, [prepare(model, processor, r, max_new_tokens) for r in requests])
+
+
+def assemble_batch(requests, prepared) -> PreparedBatch:
+    """The batch of requests whose `prepare` results are `prepared` (e.g. prepared one by one as they came)."""
     pixel_values = None
     if any(p[1] is not None for p in prepared):
         shape = next(p[1].shape for p in prepared if p[1] is not None)
@@ -155,17 +159,24 @@ class StepClock:
         return out
 
 
-def generate_batch(model, processor, batch: PreparedBatch, generation_config, stream=False, use_past=None):
+def with_family_stops(processor, generation_config):
+    """generation_config plus the family's stop sequences (its prompt builder's), never choosing ids the
+    tokenizer cannot decode."""
+    stops = [list(seq) for seq in processor.prompt_builder.stop_sequences()]
+    return replace(generation_config, stop_sequences=[*map(list, generation_config.stop_sequences), *stops],
+                   vocab_limit=len(processor.tokenizer))
+
+
+def generate_batch(model, processor, batch: PreparedBatch, generation_config, stream=False, use_past=None,
+                   listener=None, cancelled=None):
     """(generated ids per row, Timings per row). With `stream`, row 0's answer is printed as it grows.
 
-    The family's stop sequences (its prompt builder's) are added to generation_config's, and ids the
-    tokenizer cannot decode are never chosen.
+    generation_config goes through `with_family_stops`. listener: a streamer hook (put/end, see
+    generation/streamer.py) that sees every step's tokens, instead of `stream`; cancelled: rows to finish
+    early (see generation.generator.generate).
     """
-    stops = [list(seq) for seq in processor.prompt_builder.stop_sequences()]
-    generation_config = replace(generation_config,
-                                stop_sequences=[*map(list, generation_config.stop_sequences), *stops],
-                                vocab_limit=len(processor.tokenizer))
-    streamer = None
+    generation_config = with_family_stops(processor, generation_config)
+    streamer = listener
     if stream:
         first_row, first_request = batch.rows[0], batch.requests[0]
         streamer = TextStreamer(
@@ -177,7 +188,7 @@ def generate_batch(model, processor, batch: PreparedBatch, generation_config, st
         image_embeds = model.encode_images(batch.pixel_values)
         encode_s = time.perf_counter() - start
     clock = StepClock(len(batch.rows), start, streamer)
-    generated = generate(model.engine(use_past), batch.rows, generation_config, image_embeds, clock)
+    generated = generate(model.engine(use_past), batch.rows, generation_config, image_embeds, clock, cancelled)
     return generated, clock.timings(encode_s)
 
 

@@ -132,21 +132,13 @@ def requests_from_args(args):
     return out
 
 
-SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "repetition_penalty")
-
-
 def generation_config(args, family, eos_token_id):
     """The GenerationConfig of the flags, defaulting to the family's reference demo settings. Greedy
     (--do_sample False) is plain greedy: the sampling flags only apply when given."""
-    from ..generation.sampling import GenerationConfig
+    from ..generation.sampling import SAMPLING_FIELDS, demo_generation_config
 
-    demo = family.sampling
-    do_sample = demo.get("do_sample", False) if args.do_sample is None else args.do_sample
-    values = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
-    if do_sample:
-        values = {**{k: v for k, v in demo.items() if k in SAMPLING_FLAGS}, **values}
-    return GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=do_sample, eos_token_id=eos_token_id,
-                            seed=args.seed, **values)
+    return demo_generation_config(family.sampling, args.max_new_tokens, eos_token_id, args.do_sample, args.seed,
+                                  **{name: getattr(args, name) for name in SAMPLING_FIELDS})
 
 
 def load_model(args):

@@ -110,11 +110,15 @@ def check_fits(rows, max_new_tokens, seq_length):
             f"seq_length {seq_length} by {over} tokens")
 
 
-def generate(engine, rows: List[PromptRow], config: GenerationConfig, image_embeds=None, streamer=None):
+def generate(engine, rows: List[PromptRow], config: GenerationConfig, image_embeds=None, streamer=None,
+             cancelled=None):
     """Token ids generated for each row (the end token excluded; a stop sequence that ended a row included).
 
     image_embeds: numpy [B,Q,H] for the rows' placeholders (rows without an image ignore theirs).
     streamer: object with put(token_ids [B]) and end(), called as tokens are chosen (-1: row finished).
+    cancelled: callable() -> indices of rows to finish now (a server's client that went away, a per-row
+        token limit or stop text), asked after every step: those rows get no further token, and the
+        loop ends as soon as every row is finished.
     """
     check_fits(rows, config.max_new_tokens, engine.seq_length)
     batch = len(rows)
@@ -150,6 +154,8 @@ def generate(engine, rows: List[PromptRow], config: GenerationConfig, image_embe
                 done[b] = any(outputs[b][-len(stop):] == stop for stop in stops)
         if streamer is not None:
             streamer.put(emitted)
+        if cancelled is not None:
+            done[list(cancelled())] = True
         if done.all() or step == config.max_new_tokens - 1:
             break
         feed = np.where(done, engine.pad_token_id, tokens).astype(np.int32)

@@ -43,6 +43,21 @@ class GenerationConfig:
         return [f.name for f in fields(cls)]
 
 
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "repetition_penalty")
+
+
+def demo_generation_config(demo, max_new_tokens, eos_token_id, do_sample=None, seed=None, **given):
+    """The GenerationConfig of the `given` settings (SAMPLING_FIELDS; None = not given), defaulting to a family's
+    reference demo settings `demo` (its Family.sampling): do_sample None = the demo's. Greedy is plain greedy:
+    the demo's sampling settings apply only when sampling."""
+    do_sample = demo.get("do_sample", False) if do_sample is None else do_sample
+    values = {name: value for name, value in given.items() if value is not None}
+    if do_sample:
+        values = {**{k: v for k, v in demo.items() if k in SAMPLING_FIELDS}, **values}
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=eos_token_id,
+                            seed=seed, **values)
+
+
 def apply_repetition_penalty(logits, seen, penalty):
     """logits [B,V]; seen: per row, the ids already in the sequence (prompt and answer)."""
     if penalty == 1.0:
