@@ -10,10 +10,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
+from .models.cogvlm import CogVLMConfig, CogVLMForConditionalGeneration
 from .models.minigpt4 import MiniGPT4Config, MiniGPT4ForConditionalGeneration
 from .models.minigpt4qwen import MiniGPT4QwenConfig, MiniGPT4QwenForConditionalGeneration
 from .models.visualglm import VisualGLMConfig, VisualGLMForConditionalGeneration
 from .paths import CONFIGS_DIR, DEFAULT_CONFIG
+from .processing.cogvlm_prompt import CogVLMPromptBuilder
 from .processing.minigpt4_prompt import MiniGPT4PromptBuilder
 from .processing.qwen_prompt import QwenPromptBuilder
 from .processing.visualglm_prompt import VisualGLMPromptBuilder
@@ -72,6 +74,11 @@ FAMILIES = (
            # MiniGPT4Qwen's cli_demo decodes greedily (Qwen-7B-Chat's own default samples with top_p 0.8)
            sampling=dict(do_sample=False),
            demo_config=os.path.join(CONFIGS_DIR, "minigpt4qwen_tiny", "run_minigpt4qwen_tiny.yaml")),
+    Family("cogvlm", CogVLMConfig, CogVLMForConditionalGeneration, VicunaTokenizer, CogVLMPromptBuilder,
+           Conversion("cogvlm"),
+           # cli_demo_hf.py: do_sample=False (greedy), answers until EOS
+           sampling=dict(do_sample=False),
+           demo_config=os.path.join(CONFIGS_DIR, "cogvlm_tiny", "run_cogvlm_tiny.yaml")),
 )
 
 

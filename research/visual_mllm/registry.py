@@ -40,13 +40,15 @@ from .models.processor import VisionLanguageProcessor, VisualGLMProcessor
 from .pipeline import register_task as register_pipeline_task
 from .processing.image import BlipImageProcessor
 from .tokenizers.chatglm import PACKAGED_VOCAB_FILE
-from .vision.eva_vit import EvaViTConfig
+from .vision.cogvlm_image import CogVLMImageEncoderConfig
+from .vision.eva_vit import Eva2ClipConfig, EvaViTConfig
 from .vision.image_encoder import ImageEncoderConfig
 from .vision.qformer import QFormerConfig
 
 CONFIG_CLASSES = tuple(dict.fromkeys(
     [cls for f in FAMILIES for cls in (f.config_class, f.config_class.llm_config_class)]
-    + [ImageEncoderConfig, EvaViTConfig, QFormerConfig]))
+    + [f.config_class.image_encoder_config_class for f in FAMILIES]
+    + [ImageEncoderConfig, EvaViTConfig, QFormerConfig, CogVLMImageEncoderConfig, Eva2ClipConfig]))
 
 
 def processor_class(family):

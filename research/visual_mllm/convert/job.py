@@ -160,9 +160,13 @@ def run_yaml_name(family):
 
 
 def tower_configs(config):
-    """{split part: the TowerConfig of the tower it holds} of a composite model config."""
-    image = config.image_encoder_config
-    return {"vit": image.vit_config, "qformer": image.qformer_config, "llm": config.llm_config}
+    """{split part: the TowerConfig of the tower it holds} of a composite model config (CogVLM's adapter file
+    has no tower config of its own: the adapter follows the ViT's)."""
+    towers = config.image_encoder_config.towers()
+    parts = {"vit": towers["vit_config"], "llm": config.llm_config}
+    if "qformer_config" in towers:
+        parts["qformer"] = towers["qformer_config"]
+    return parts
 
 
 def set_param_dtypes(config, the_plan, dtype):

@@ -153,7 +153,7 @@ class ExportedEngine:
             image_embeds = np.zeros((ids.shape[0], self.x.num_image_tokens, self.x.hidden_size), np.float32)
         return self.x.run("embedding", ids, image_embeds.astype(np.float32), starts)
 
-    def prefill(self, inputs_embeds, position_ids, valid_length, prefix_length):
+    def prefill(self, inputs_embeds, position_ids, valid_length, prefix_length, types):
         logits = self.x.run("full", inputs_embeds, position_ids, valid_length, prefix_length)
         self.x.backend.after_prefill(self.x.full, self.x.inc)
         return logits

@@ -35,7 +35,7 @@ class VisionLanguageProcessor(ProcessorMixin):
         image_processor: a ``BlipImageProcessor`` (any mindformers ``BaseImageProcessor`` returning
             float32 numpy [B,3,H,W]).
         tokenizer: the family's tokenizer.
-        num_image_tokens: placeholder ids per image (= Q-Former queries); None = set later from the
+        num_image_tokens: placeholder ids per image (= Q-Former queries; CogVLM: patches + 2); None = set later from the
             model config (``configure_for_model``).
         image_placeholder: an explicit token id, "pad" / "unk" (the tokenizer's), or None (the model's).
     """
@@ -58,11 +58,11 @@ class VisionLanguageProcessor(ProcessorMixin):
         """Take the prompt format, image token count and placeholder from a model config; refuse
         contradicting values."""
         self.builder_class = families.family_of(model_config).prompt_builder_class
-        queries = int(model_config.image_encoder_config.qformer_config.num_query_tokens)
+        queries = int(model_config.image_encoder_config.num_image_tokens)
         if self.num_image_tokens is not None and self.num_image_tokens != queries:
             raise ProcessorModelMismatchError(
-                f"processor.num_image_tokens is {self.num_image_tokens} but the model's Q-Former has "
-                f"{queries} queries (model_config.image_encoder_config.qformer_config.num_query_tokens)")
+                f"processor.num_image_tokens is {self.num_image_tokens} but an image fills {queries} rows of the "
+                f"model's prompts (the Q-Former's queries, or CogVLM's patches + 2)")
         placeholder = model_config.image_placeholder
         if placeholder is None:
             placeholder = int(model_config.llm_config.pad_token_id)
