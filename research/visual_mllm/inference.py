@@ -27,6 +27,7 @@ class ChatRequest:
     history: Sequence[Tuple[str, str]] = ()  # earlier (question, answer) turns
     english: bool = False
     origin: Optional[str] = None             # where the request comes from (e.g. "in.jsonl line 3"), for errors
+    template: Optional[str] = None           # a prompt template of the family (CogVLM: chat, vqa, base); None = its default
 
 
 @dataclass
@@ -77,7 +78,8 @@ def prepare(model, processor, request, max_new_tokens):
         has_image = request.image is not None
         budget = model.config.seq_length - max_new_tokens
         kept, ids = processor.prompt_builder.fit_history(request.prompt, request.history, budget,
-                                                         has_image=has_image, english=request.english)
+                                                         has_image=has_image, english=request.english,
+                                                         template=request.template)
         pixels = processor.image_processor(request.image)[0] if has_image else None
     except ValueError as err:
         if request.origin is None:

@@ -22,7 +22,7 @@ from . import cogvlm_hf
 from .engine import DTYPES
 from .hf_folder import BIN, CONFIG_FILE, SAFETENSORS
 from .job import (MANIFEST, Timer, apply_precision, model_parameters, output_files, part_files, planned_parts,
-                  processor_error, read_mindspore_checkpoints, read_model_yaml, run_yaml, run_yaml_name, source_bytes,
+                  processor_error, read_yaml_checkpoints, run_yaml, run_yaml_name, source_bytes,
                   tokenizer_files, write_hf_shards, write_mindspore)
 from .keymap import plan
 from .readers import ConversionError, read_json
@@ -98,12 +98,7 @@ def to_mindspore(torch_path, output_dir, dtype="auto", file_format="ckpt", token
 def to_hf(config_yaml, output_dir, dtype="auto", file_format="safetensors", max_shard_size=5 * 10 ** 9):
     """Write the weights a run YAML names in the cogvlm-chat-hf layout into output_dir."""
     timer = Timer()
-    run_config, config = read_model_yaml(config_yaml, FAMILY)
-    checkpoints = config.checkpoint_files()
-    if not checkpoints:
-        raise ConversionError(f"{config_yaml} names no checkpoint (vit_checkpoint / qformer_checkpoint / "
-                              "llm_checkpoint or checkpoint_name_or_path): nothing to convert")
-    source = read_mindspore_checkpoints(checkpoints)
+    run_config, config, checkpoints, source = read_yaml_checkpoints(config_yaml, FAMILY)
     requested = DTYPES[dtype]
     embedding_dtype = source["llm.embed_tokens.weight"].dtype
     torch_dtype = requested if requested is not None else embedding_dtype

@@ -19,8 +19,8 @@ import torch
 
 from ..models.cogvlm import CogVLMConfig
 from ..processing.cogvlm_prompt import DEFAULT_TEMPLATE
-from .hf_folder import CONFIG_FILE, read_source  # noqa: F401 (read_source: this format's reader)
-from .keymap import ADD_BATCH_AXIS, IDENTITY, Transform, constant, expand, invert
+from .hf_folder import config_path, read_source  # noqa: F401 (read_source: this format's reader)
+from .keymap import ADD_BATCH_AXIS, IDENTITY, Transform, expand, invert, per_layer_buffer
 from .readers import ConversionError, read_json
 
 FORMAT = "cogvlm-hf"
@@ -108,19 +108,11 @@ def rotary_inv_freq(config, dtype):
 
 def export_rules(config, inv_freq_dtype):
     """Our key -> HF key rules (the inverse map) plus the per-layer inv_freq buffers."""
-    out = invert(rules(config))
-    buffer = constant("rotary_inv_freq", lambda: rotary_inv_freq(config, inv_freq_dtype))
-    for i in range(config.llm_config.num_layers):
-        out += expand([((), ROTARY_INV_FREQ, buffer)], i=i)
-    return out
+    return invert(rules(config)) + per_layer_buffer(ROTARY_INV_FREQ, config.llm_config.num_layers,
+                                                    lambda: rotary_inv_freq(config, inv_freq_dtype))
 
 
 # ----- config -----
-
-def config_path(path):
-    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    return os.path.join(folder, CONFIG_FILE)
-
 
 def _need(mapping, key, where):
     if key not in mapping:

@@ -323,6 +323,16 @@ def read_model_yaml(config_yaml, family):
     return run_config, config
 
 
+def read_yaml_checkpoints(config_yaml, family):
+    """(run config, model config, checkpoint files, their Source) of a run YAML of `family` to convert back."""
+    run_config, config = read_model_yaml(config_yaml, family)
+    checkpoints = config.checkpoint_files()
+    if not checkpoints:
+        raise ConversionError(f"{config_yaml} names no checkpoint (vit_checkpoint / qformer_checkpoint / "
+                              "llm_checkpoint or checkpoint_name_or_path): nothing to convert")
+    return run_config, config, checkpoints, read_mindspore_checkpoints(checkpoints)
+
+
 def read_mindspore_checkpoints(paths):
     """The MindSpore checkpoint files of a run YAML as one Source (keys must not repeat across files)."""
     tensors = {}

@@ -27,12 +27,6 @@ TEXT_ONLY = ("A chat between a curious user and an artificial intelligence assis
 END = "</s>"
 
 
-def check_template(template):
-    if template is not None and template not in TEMPLATES:
-        raise ValueError(f"unknown CogVLM template {template!r}; known: {', '.join(TEMPLATES)}")
-    return template
-
-
 def history_to_prompt(template, history, query):
     """The remote code's `_history_to_prompt`."""
     answer_format = TEMPLATES[template]
@@ -60,14 +54,17 @@ class CogVLMPromptBuilder(PromptBuilder):
     """CogVLM prompts (tokenizer: `VicunaTokenizer` of vicuna-7b-v1.5); `template` is the default template of
     image conversations (None: `chat`); `build_ids(template=...)` names one per request."""
 
+    templates = tuple(TEMPLATES)
+
     def __init__(self, tokenizer, num_image_tokens: int, placeholder="unk", template: Optional[str] = None):
         super().__init__(tokenizer, num_image_tokens, placeholder)
-        self.template = check_template(template) or DEFAULT_TEMPLATE
+        self.check_template(template)
+        self.template = template or DEFAULT_TEMPLATE
 
     def build_prompt(self, query: str, history: History = (), has_image: bool = False,
                      english: bool = False, template: Optional[str] = None) -> str:
         refuse_english("CogVLM", english)
-        check_template(template)
+        self.check_template(template)
         history = [tuple(turn) for turn in history]
         if not has_image and template is None:
             return text_only_prompt(history, query)
