@@ -67,6 +67,7 @@ def test_image_side_matches_the_remote_code(cogvlm, reference, arrays):
 def test_prompt_ids_token_types_and_positions(cogvlm, reference, arrays):
     """Every turn's prompt text and ids as the demo builds them; the recorded turn's token types, positions
     (prompt and prompt + answer) and vision-expert mask as the remote code computes them."""
+    from mindspore import Tensor
     from visual_mllm.generation.generator import PromptRow, token_types
 
     model, processor = cogvlm
@@ -84,9 +85,10 @@ def test_prompt_ids_token_types_and_positions(cogvlm, reference, arrays):
         positions, _ = model.llm.positions.prompt([row.ids], len(row.ids), types)
         assert positions[0, 0].tolist() == arrays[f"{key}_position_ids"].tolist()
         full = len(arrays[f"{key}_full_position_ids"])
-        extended = model.llm.positions.extend([row.ids], positions, full, np.pad(types, ((0, 0), (0, full - len(row.ids)))))
+        answer_types = np.pad(types, ((0, 0), (0, full - len(row.ids))))  # generated tokens: text
+        extended = model.llm.positions.extend([row.ids], positions, full, answer_types)
         assert extended[0, 0].tolist() == arrays[f"{key}_full_position_ids"].tolist()
-        route = model.llm.route(__import__("mindspore").Tensor(types), False).asnumpy()[0, :, 0]
+        route = model.llm.route(Tensor(types), False).asnumpy()[0, :, 0]  # the vision-expert choice
         assert route.astype(int).tolist() == arrays[f"{key}_vision_expert_mask"].tolist()
 
 
@@ -113,42 +115,20 @@ def test_prompt_logits_match_the_remote_code(cogvlm, reference, arrays):
         np.testing.assert_allclose(logits, arrays[f"{key}_logits"], rtol=0, atol=2e-4, err_msg=key)
 
 
-def chat_turns(model, processor, sample, use_past):
-    """Every turn of a sample, answered greedily as the demo does (history = our own earlier answers)."""
-    from visual_mllm.generation.sampling import GenerationConfig
-    from visual_mllm.inference import ChatRequest, answer
-
-    config = GenerationConfig(max_new_tokens=len(recorded_turn(sample)["generated_ids"]),
-                              eos_token_id=model.config.llm_config.eos_token_id)
-    history, results = [], []
-    for turn in sample["turns"]:
-        result = answer(model, processor, [ChatRequest(turn["user_text"], image_of(sample), list(history))], config,
-                        use_past=use_past)[0]
-        results.append(result)
-        history.append((turn["user_text"], result.response))
-    return results
-
-
-def test_greedy_tokens_of_every_sample_and_turn(cogvlm, reference):
-    """With the KV cache: every turn's greedy ids and the demo's decoded response (cut at </s>)."""
-    model, processor = cogvlm
-    for sample in reference["samples"]:
-        for turn, result in zip(sample["turns"], chat_turns(model, processor, sample, use_past=True)):
-            assert result.input_ids == turn["input_ids"], sample["name"]
-            assert result.generated_ids == turn["generated_ids"], sample["name"]
-            assert result.response == turn["response"], sample["name"]
-
-
-def test_batch_with_and_without_cache_equals_the_reference(cogvlm, reference):
-    """The recorded turns of all samples in one right-padded batch (image, two-turn, text-only rows of
-    different lengths), with and without the KV cache: each row gives its reference tokens."""
+def test_every_turn_in_one_batch_with_and_without_cache(cogvlm, reference):
+    """Every turn of every sample (image chat, its second turn with the history the demo kept, text-only: rows
+    of different lengths, right-padded) in one batch, with and without the KV cache: each row gives the
+    reference's greedy ids (which the remote code generated one conversation at a time) and the demo's
+    response (decoded, cut at </s>)."""
     from visual_mllm.generation.sampling import GenerationConfig
     from visual_mllm.inference import ChatRequest, answer
 
     model, processor = cogvlm
-    samples = reference["samples"]
-    requests = [ChatRequest(recorded_turn(s)["user_text"], image_of(s), recorded_turn(s)["history"]) for s in samples]
+    turns = [(sample, turn) for sample in reference["samples"] for turn in sample["turns"]]
+    requests = [ChatRequest(turn["user_text"], image_of(sample), turn["history"]) for sample, turn in turns]
     config = GenerationConfig(max_new_tokens=16, eos_token_id=model.config.llm_config.eos_token_id)
     for use_past in (True, False):
         results = answer(model, processor, requests, config, use_past=use_past)
-        assert [r.generated_ids for r in results] == [recorded_turn(s)["generated_ids"] for s in samples], use_past
+        assert [r.input_ids for r in results] == [turn["input_ids"] for _, turn in turns]
+        assert [r.generated_ids for r in results] == [turn["generated_ids"] for _, turn in turns], use_past
+        assert [r.response for r in results] == [turn["response"] for _, turn in turns], use_past

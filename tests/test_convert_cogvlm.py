@@ -112,17 +112,27 @@ def test_back_to_the_release_layout_gives_the_release_tensors(converted_cogvlm, 
 @pytest.mark.parametrize("change, message", [
     ({"template_version": "vqa"}, "template_version 'vqa'"),
     ({"architectures": ["LlamaForCausalLM"]}, "not a CogVLM"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
 ])
-def test_refuses_what_it_does_not_implement(tmp_path, change, message):
-    """A release config the port does not implement is refused with one line, exit status 2, nothing written."""
+def test_refuses_configs_it_does_not_implement(change, message):
+    from visual_mllm.convert import cogvlm_hf
+    from visual_mllm.convert.readers import ConversionError
+
+    config = json.loads(fixture_path("cogvlm", "cogvlm-chat-hf", "config.json").read_text())
+    with pytest.raises(ConversionError, match=message):
+        cogvlm_hf.config_from_release(dict(config, **change), "config.json")
+
+
+def test_a_refusal_is_one_line_and_writes_nothing(tmp_path):
+    """As a user runs it: exit status 2, one `error:` line, no output folder."""
     import shutil
 
     source = tmp_path / "release"
     shutil.copytree(fixture_path("cogvlm", "cogvlm-chat-hf"), source)
     config = json.loads((source / "config.json").read_text())
-    (source / "config.json").write_text(json.dumps(dict(config, **change)))
+    (source / "config.json").write_text(json.dumps(dict(config, template_version="vqa")))
     result = run_converter(tmp_path, "--model_type", "cogvlm", "--torch_path", source, "--tokenizer",
                            fixture_path("cogvlm", "vicuna-7b-v1.5"), "--output_dir", tmp_path / "out")
-    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "template_version 'vqa'" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "out").exists()
