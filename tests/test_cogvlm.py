@@ -11,7 +11,7 @@ port measures 1.3e-4. Greedy tokens must be identical (every step's top-1 - top-
 import numpy as np
 import pytest
 
-from conftest import fixture_path, load_json
+from conftest import REPO_ROOT, fixture_path, load_json
 
 FIXTURE = "cogvlm"
 SEQ_LENGTH = 128  # the longest recorded prompt (95) + 16 new tokens, rounded up
@@ -132,3 +132,28 @@ def test_every_turn_in_one_batch_with_and_without_cache(cogvlm, reference):
         assert [r.input_ids for r in results] == [turn["input_ids"] for _, turn in turns]
         assert [r.generated_ids for r in results] == [turn["generated_ids"] for _, turn in turns], use_past
         assert [r.response for r in results] == [turn["response"] for _, turn in turns], use_past
+
+
+def test_training_rows_and_batches(cogvlm):
+    """A finetune row is the chat prompt as inference builds it, then the answer and </s> (labels on those); a
+    batch carries the token types of its image rows and CogVLM's positions for them."""
+    from visual_mllm.finetune.config import load_finetune_config
+    from visual_mllm.finetune.datasets import IGNORE_INDEX, BatchSource, load_dataset
+    from visual_mllm.llm.cogvlm import row_positions
+
+    model, processor = cogvlm
+    _, cfg = load_finetune_config(REPO_ROOT / "configs" / "cogvlm_tiny" / "lora.yaml")
+    data = load_dataset(cfg.dataset, processor)
+    tokenizer = processor.tokenizer
+    for sample in data.samples:
+        prompt = processor.prompt_builder.build_ids(sample.record.prompt, sample.record.history, has_image=True)
+        n = len(prompt.input_ids)
+        target = tokenizer(sample.record.label, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        assert sample.input_ids == prompt.input_ids + target
+        assert sample.labels == [IGNORE_INDEX] * n + target and sample.image_start == 1
+    batch = BatchSource(data, processor, model.llm.positions, cfg.dataset, batch_size=2, seed=0).batch(0)
+    for k in range(2):
+        length = batch["valid_length"][k]
+        types = batch["token_types"][k]
+        assert types[1:1 + model.num_image_tokens].all() and types.sum() == model.num_image_tokens
+        assert batch["position_ids"][k, 0, :length].tolist() == row_positions(types[:length]).tolist()

@@ -48,11 +48,19 @@ def test_every_turn_in_one_batch_and_the_vqa_template(converted_cogvlm, turns, t
     assert [r["response"] for r in records[:-1]] == [turn["response"] for _, turn in turns]
     assert records[-1]["template"] == "vqa" and records[-1]["generated_ids"] != records[0]["generated_ids"]
 
-    write_jsonl(tmp_path / "one.jsonl", [requests[0]])  # the same request, the template from the command line
-    result = run(tmp_path, "--config", converted_cogvlm / "run_cogvlm.yaml", "--input_file", "one.jsonl",
-                 "--output_file", "flag.jsonl", "--max_new_tokens", 16, "--template", "vqa")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert read_jsonl(tmp_path / "flag.jsonl")[0]["generated_ids"] == records[-1]["generated_ids"]
+
+def test_the_template_flag_is_the_default_of_every_request(turns, tmp_path):
+    """--template names the template of the --prompt requests and of JSONL lines without "template"."""
+    from visual_mllm.cli.common import parse_command_line
+    from visual_mllm.cli.infer import build_parser, requests_from_args
+
+    write_jsonl(tmp_path / "requests.jsonl", [turns[0][0], dict(turns[0][0], template="base")])
+    from_file = requests_from_args(parse_command_line(build_parser(), ["--input_file", str(tmp_path / "requests.jsonl"),
+                                                                       "--template", "vqa"]))
+    assert [request.template for _, request in from_file] == ["vqa", "base"]
+    from_flags = requests_from_args(parse_command_line(build_parser(), ["--prompt", "Hi", "--image_path", "none",
+                                                                        "--template", "vqa"]))
+    assert [(fields["template"], request.template) for fields, request in from_flags] == [("vqa", "vqa")]
 
 
 def test_an_unknown_template_is_one_error_line(converted_cogvlm, turns, tmp_path):
