@@ -157,3 +157,24 @@ def test_training_rows_and_batches(cogvlm):
         types = batch["token_types"][k]
         assert types[1:1 + model.num_image_tokens].all() and types.sum() == model.num_image_tokens
         assert batch["position_ids"][k, 0, :length].tolist() == row_positions(types[:length]).tolist()
+
+
+def test_text_only_history_is_rebuilt_as_the_demo_keeps_it(cogvlm, reference):
+    """cli_demo_hf.py keeps the *wrapped* text-only queries in its history (its loop, replayed here over three
+    turns); the builder gets the plain turns and must give the demo's prompt of every turn. The first turn's
+    wrapping is the recorded sample's."""
+    _, processor = cogvlm
+    sample = next(s for s in reference["samples"] if s["image"] is None)
+    first = sample["turns"][0]
+    system = first["query"][:first["query"].index(first["user_text"])]  # the demo's text_only_template head
+    queries, responses = [first["user_text"], "And then?", "Why?"], ["first answer", "second answer", "unused"]
+    demo_history, plain_history = [], []
+    for number, (query, response) in enumerate(zip(queries, responses)):
+        if number == 0:
+            wrapped = f"{system}{query} ASSISTANT:"
+        else:
+            wrapped = "".join(f"{old} {answer}\n" for old, answer in demo_history) + f"USER: {query} ASSISTANT:"
+        assert processor.prompt_builder.build_prompt(query, plain_history) == wrapped, number
+        demo_history.append((wrapped, response))
+        plain_history.append((query, response))
+    assert processor.prompt_builder.build_prompt(queries[0], []) == first["prompt_text"]

@@ -196,12 +196,13 @@ class PromptBuilder(abc.ABC):
             known = f"one of {', '.join(self.templates)}" if self.templates else "none: leave it unset"
             raise ValueError(f"prompt template {template!r}: {type(self).__name__} templates are {known}")
 
-    def fit_history(self, query: str, history: History, max_prompt_tokens: int,
+    def fit_history(self, query: str, history: History, max_prompt_tokens: Optional[int],
                     has_image: bool = False, english: bool = False,
                     template: Optional[str] = None) -> Tuple[List[Tuple[str, str]], PromptIds]:
         """Drop the oldest history turns until the prompt has at most ``max_prompt_tokens`` ids.
 
         `template`: one of the builder's `templates` (passed on to build_ids), None for its default.
+        max_prompt_tokens None: no limit (the whole history is kept).
         Returns (kept history, ids). Raises PromptTooLongError if even the bare query (no history)
         is too long, saying by how many tokens.
         """
@@ -211,7 +212,7 @@ class PromptBuilder(abc.ABC):
         for start in range(len(turns) + 1):
             kept = turns[start:]
             ids = self.build_ids(query, kept, has_image=has_image, english=english, **named)
-            if len(ids) <= max_prompt_tokens:
+            if max_prompt_tokens is None or len(ids) <= max_prompt_tokens:
                 return kept, ids
         dropped = f" with all {len(turns)} history turn(s) dropped" if turns else ""
         raise PromptTooLongError(
