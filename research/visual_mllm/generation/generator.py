@@ -11,9 +11,9 @@ The loop talks to an *engine* (`EagerEngine` here; the exported-graph runtime in
     engine.start(batch)                                            (before each generate call)
     engine.embed(ids [B,S], image_embeds [B,Q,H] or None, image_start [B]) -> inputs_embeds
     engine.prefill(inputs_embeds, position_ids, valid_length, prefix_length, token_types) -> logits numpy [B,V]
+    engine.decode(ids [B,1], position_ids [B,P,1], valid_length) -> logits numpy [B,V]
 Token types ([B,S] int32, 1 on each row's image rows, `token_types`) go to the position scheme and to the
 prefill; engines pass them to the graph only for decoders that take them (CogVLM's experts).
-    engine.decode(ids [B,1], position_ids [B,P,1], valid_length) -> logits numpy [B,V]
 """
 from dataclasses import dataclass
 from typing import List, Optional
