@@ -123,3 +123,15 @@ def converted_minigpt4(tmp_path_factory):
 def converted_minigpt4qwen(tmp_path_factory):
     """The tiny MiniGPT4Qwen fixture (EVA, BLIP-2, model.pth's llm_proj, Qwen v1) converted by convert_weight.py."""
     return converted(tmp_path_factory.mktemp("converted_minigpt4qwen"), *blip2_family_args("minigpt4qwen"))
+
+
+def cogvlm_args():
+    """convert_weight.py arguments for the tiny cogvlm-chat-hf fixture and its Vicuna tokenizer folder."""
+    return ["--model_type", "cogvlm", "--torch_path", fixture_path("cogvlm", "cogvlm-chat-hf"),
+            "--tokenizer", fixture_path("cogvlm", "vicuna-7b-v1.5")]
+
+
+@pytest.fixture(scope="session")
+def converted_cogvlm(tmp_path_factory):
+    """The tiny CogVLM fixture (cogvlm-chat-hf layout + vicuna tokenizer) converted by convert_weight.py."""
+    return converted(tmp_path_factory.mktemp("converted_cogvlm"), *cogvlm_args())

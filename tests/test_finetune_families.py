@@ -1,6 +1,6 @@
 """Finetuning MiniGPT-4 and MiniGPT4Qwen: each family's training rows (its chat prompt, then its reference
 target), the README command training the tiny LoRA config (the loss falls, the LoRA checkpoint makes
-run_infer.py answer with the training labels), a malformed row refused by name, and the real-size configs
+run_infer.py answer with the training labels; CogVLM too, its rows: test_cogvlm.py), a malformed row refused by name, and the real-size configs
 (sizes of the released checkpoints, LoRA targets that exist)."""
 import csv
 import json
@@ -92,7 +92,7 @@ def text(stream):
     return stream.decode("utf-8", errors="replace")
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + ["cogvlm"])  # CogVLM: LoRA on both experts of every layer
 def test_readme_command_trains_the_tiny_config_and_run_infer_answers_with_the_labels(family, tmp_path):
     out = tmp_path / "out"
     trained = run("run_finetune.py", ["--config", f"configs/{family}_tiny/lora.yaml", "--output_dir", str(out),

@@ -31,9 +31,10 @@ class ChatSession:
     on_turn: called as on_turn(fields, result) after every answered question (e.g. to write a record).
     """
 
-    def __init__(self, run, image_path=None, english=False, stream=False, on_turn=None, out=None):
+    def __init__(self, run, image_path=None, english=False, stream=False, on_turn=None, out=None, template=None):
         self.run = run
         self.english = english
+        self.template = template  # the family's prompt template (None: its default)
         self.stream = stream
         self.on_turn = on_turn
         self.out = out or sys.stdout
@@ -55,7 +56,8 @@ class ChatSession:
         return f"image {self.image_path}" if self.image_path is not None else "no image (text-only)"
 
     def ask(self, question):
-        request = ChatRequest(prompt=question, image=self.image, history=list(self.history), english=self.english)
+        request = ChatRequest(prompt=question, image=self.image, history=list(self.history), english=self.english,
+                              template=self.template)
         if self.stream:
             print("answer: ", end="", file=self.out, flush=True)
         result = self.run([request], self.stream)[0]
@@ -68,6 +70,8 @@ class ChatSession:
         if self.on_turn is not None:
             fields = {"image": self.image_path, "prompt": question,
                       "history": [list(turn) for turn in result.history_used], "english": self.english}
+            if self.template is not None:
+                fields["template"] = self.template
             self.on_turn(fields, result)
 
     def handle(self, line):

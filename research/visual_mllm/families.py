@@ -4,16 +4,21 @@ Shared code (registry, processor, CLIs, pipeline, export, finetune) finds a fami
 config (`family_of`) or from its name (`get`) and reads what it needs here; it never imports a
 family's own modules. Adding a family = its decoder, prompt builder, configs, its LLM's key tables in
 `convert/` and one `Family(...)` entry in FAMILIES, whose `Conversion` names the conversion job that
-`convert_weight.py --model_type <name>` runs and what that job needs of the family.
+`convert_weight.py --model_type <name>` runs and what that job needs of the family. A family with another
+image side than BLIP-2's names its encoder and config classes on its model and config classes
+(`image_encoder_class`, `image_encoder_config_class`: CogVLM's EVA2-CLIP + GLU adapter), and a decoder that
+routes by token types says so (`takes_token_types`): generation, export and finetuning then pass them.
 """
 import os
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
+from .models.cogvlm import CogVLMConfig, CogVLMForConditionalGeneration
 from .models.minigpt4 import MiniGPT4Config, MiniGPT4ForConditionalGeneration
 from .models.minigpt4qwen import MiniGPT4QwenConfig, MiniGPT4QwenForConditionalGeneration
 from .models.visualglm import VisualGLMConfig, VisualGLMForConditionalGeneration
 from .paths import CONFIGS_DIR, DEFAULT_CONFIG
+from .processing.cogvlm_prompt import CogVLMPromptBuilder
 from .processing.minigpt4_prompt import MiniGPT4PromptBuilder
 from .processing.qwen_prompt import QwenPromptBuilder
 from .processing.visualglm_prompt import VisualGLMPromptBuilder
@@ -27,6 +32,8 @@ class Conversion:
     """How convert_weight.py converts the family's release.
 
     job "visualglm": one SAT or HF-format release (--torch_path), convert/visualglm.py.
+    job "cogvlm": the cogvlm-chat-hf folder (--torch_path) and the Vicuna tokenizer folder (--tokenizer),
+    convert/cogvlm.py.
     job "lavis": the LAVIS-era files (--eva_vit_path, --qformer_path, --proj_path) and the LLM's HF folder
     (--llm_path), convert/minigpt4.py; then `llm_format` names the convert/ module with the LLM folder's
     key tables and `projection` / `projection_file` the projection's key prefix in --proj_path and the
@@ -72,6 +79,11 @@ FAMILIES = (
            # MiniGPT4Qwen's cli_demo decodes greedily (Qwen-7B-Chat's own default samples with top_p 0.8)
            sampling=dict(do_sample=False),
            demo_config=os.path.join(CONFIGS_DIR, "minigpt4qwen_tiny", "run_minigpt4qwen_tiny.yaml")),
+    Family("cogvlm", CogVLMConfig, CogVLMForConditionalGeneration, VicunaTokenizer, CogVLMPromptBuilder,
+           Conversion("cogvlm"),
+           # cli_demo_hf.py: do_sample=False (greedy), answers until EOS
+           sampling=dict(do_sample=False),
+           demo_config=os.path.join(CONFIGS_DIR, "cogvlm_tiny", "run_cogvlm_tiny.yaml")),
 )
 
 

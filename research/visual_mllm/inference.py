@@ -27,6 +27,7 @@ class ChatRequest:
     history: Sequence[Tuple[str, str]] = ()  # earlier (question, answer) turns
     english: bool = False
     origin: Optional[str] = None             # where the request comes from (e.g. "in.jsonl line 3"), for errors
+    template: Optional[str] = None           # a prompt template of the family (CogVLM: chat, vqa, base); None = its default
 
 
 @dataclass
@@ -66,6 +67,14 @@ class PreparedBatch:
     kept_history: List[List[Tuple[str, str]]]
 
 
+def fit_prompt(model, processor, request, max_new_tokens):
+    """(kept history, PromptIds) of a request: its history cut, oldest turns first, to fit the context."""
+    budget = model.config.seq_length - max_new_tokens
+    return processor.prompt_builder.fit_history(request.prompt, request.history, budget,
+                                                has_image=request.image is not None, english=request.english,
+                                                template=request.template)
+
+
 def prepare(model, processor, request, max_new_tokens):
     """(PromptRow, pixel_values [3,H,W] or None, kept history) for one request.
 
@@ -74,11 +83,8 @@ def prepare(model, processor, request, max_new_tokens):
     errors are RequestErrors naming it.
     """
     try:
-        has_image = request.image is not None
-        budget = model.config.seq_length - max_new_tokens
-        kept, ids = processor.prompt_builder.fit_history(request.prompt, request.history, budget,
-                                                         has_image=has_image, english=request.english)
-        pixels = processor.image_processor(request.image)[0] if has_image else None
+        kept, ids = fit_prompt(model, processor, request, max_new_tokens)
+        pixels = processor.image_processor(request.image)[0] if request.image is not None else None
     except ValueError as err:
         if request.origin is None:
             raise
@@ -108,9 +114,7 @@ def graph_shapes(model, processor, requests, generation_config, batch_size, use_
     shapes = []
     for start in range(0, len(requests), batch_size):
         chunk = requests[start:start + batch_size]
-        longest = max(len(processor.prompt_builder.fit_history(
-            r.prompt, r.history, model.config.seq_length - new_tokens, has_image=r.image is not None,
-            english=r.english)[1].input_ids) for r in chunk)
+        longest = max(len(fit_prompt(model, processor, r, new_tokens)[1].input_ids) for r in chunk)
         shapes.append((len(chunk), any(r.image is not None for r in chunk), engine.padded_length(longest, new_tokens),
                        engine.cache_length(longest + new_tokens) if engine.use_past else 0))
     return shapes

@@ -40,13 +40,15 @@ from .models.processor import VisionLanguageProcessor, VisualGLMProcessor
 from .pipeline import register_task as register_pipeline_task
 from .processing.image import BlipImageProcessor
 from .tokenizers.chatglm import PACKAGED_VOCAB_FILE
-from .vision.eva_vit import EvaViTConfig
+from .vision.cogvlm_image import CogVLMImageEncoderConfig
+from .vision.eva_vit import Eva2ClipConfig, EvaViTConfig
 from .vision.image_encoder import ImageEncoderConfig
 from .vision.qformer import QFormerConfig
 
 CONFIG_CLASSES = tuple(dict.fromkeys(
     [cls for f in FAMILIES for cls in (f.config_class, f.config_class.llm_config_class)]
-    + [ImageEncoderConfig, EvaViTConfig, QFormerConfig]))
+    + [f.config_class.image_encoder_config_class for f in FAMILIES]
+    + [ImageEncoderConfig, EvaViTConfig, QFormerConfig, CogVLMImageEncoderConfig, Eva2ClipConfig]))
 
 
 def processor_class(family):
@@ -108,6 +110,7 @@ def read_run_config(yaml_path, model_overrides=None, processor_overrides=None):
     if config.get("use_legacy", True) is False:
         raise ValueError(f"{yaml_path}: use_legacy: False is not supported by visual_mllm models")
     if model_overrides:
+        model_overrides = image_tower_overrides(config.model.model_config.get("type"), model_overrides)
         merged = merge_dicts(plain(config.model.model_config), model_overrides)
         config.model.model_config = MindFormerConfig(**merged)
     if processor_overrides:
@@ -118,14 +121,33 @@ def read_run_config(yaml_path, model_overrides=None, processor_overrides=None):
     return config
 
 
+EVERY_IMAGE_TOWER = "every_tower"  # model_overrides["image_encoder_config"] key: applies to each image-side tower
+
+
+def image_tower_overrides(config_type, model_overrides):
+    """`model_overrides` with an `EVERY_IMAGE_TOWER` entry of image_encoder_config given to each tower of the
+    YAML's image side (BLIP-2: vit_config and qformer_config; CogVLM: vit_config)."""
+    image = model_overrides.get("image_encoder_config")
+    if not isinstance(image, dict) or EVERY_IMAGE_TOWER not in image:
+        return model_overrides
+    family = next((f for f in FAMILIES if f.config_class.__name__ == config_type), None)
+    if family is None:
+        raise ValueError(f"model_config type {config_type!r} is not the config of a known model family")
+    image = dict(image)
+    tower = image.pop(EVERY_IMAGE_TOWER)
+    for key in family.config_class.image_encoder_config_class().towers():
+        image[key] = merge_dicts(dict(tower), image.get(key, {}))
+    return dict(model_overrides, image_encoder_config=image)
+
+
 def precision_overrides(param_dtype=None, compute_dtype=None, quantize=None):
-    """model_overrides giving every tower (ViT, Q-Former, LLM) these dtypes and the LLM's Linear layers
+    """model_overrides giving every tower (the image side's, the LLM) these dtypes and the LLM's Linear layers
     `quantize` ("int8", or "none" for float); None keeps the YAML's."""
     tower = {key: value for key, value in (("param_dtype", param_dtype), ("compute_dtype", compute_dtype)) if value}
     llm = dict(tower)
     if quantize:
         llm["quantize"] = None if quantize == "none" else quantize
-    overrides = {"image_encoder_config": {"vit_config": tower, "qformer_config": tower}} if tower else {}
+    overrides = {"image_encoder_config": {EVERY_IMAGE_TOWER: tower}} if tower else {}
     return {**overrides, "llm_config": llm} if llm else overrides
 
 

@@ -2,7 +2,11 @@
 
 One request per line:
 
-    {"image": "path or omitted for text-only", "prompt": "...", "history": [["q", "a"], ...], "english": false}
+    {"image": "path or omitted for text-only", "prompt": "...", "history": [["q", "a"], ...], "english": false,
+     "template": "vqa"}
+
+("template": a prompt template of the model's family, e.g. CogVLM's chat / vqa / base; omitted = the family's
+default, or run_infer.py's --template.)
 
 Relative image paths are taken from the JSONL file's folder. Blank lines are skipped. A result record
 is the request's fields as given plus "response", "generated_ids" and "timings".
@@ -13,14 +17,14 @@ from typing import List, Tuple
 
 from .inference import ChatRequest, ChatResult
 
-REQUEST_FIELDS = ("image", "prompt", "history", "english")
+REQUEST_FIELDS = ("image", "prompt", "history", "english", "template")
 
 
 class RequestFileError(ValueError):
     """A request file or one of its lines is not usable; the message names the file and line."""
 
 
-def request_from_fields(fields, base_dir=".", origin=None, default_english=False) -> ChatRequest:
+def request_from_fields(fields, base_dir=".", origin=None, default_english=False, default_template=None) -> ChatRequest:
     """A ChatRequest from a dict of REQUEST_FIELDS; ValueError (prefixed with `origin`) if it is malformed
     or its image file does not exist."""
     where = f"{origin}: " if origin else ""
@@ -47,11 +51,14 @@ def request_from_fields(fields, base_dir=".", origin=None, default_english=False
     english = fields.get("english", default_english)
     if not isinstance(english, bool):
         raise RequestFileError(f"{where}\"english\" must be true or false")
+    template = fields.get("template", default_template)
+    if template is not None and (not isinstance(template, str) or not template):
+        raise RequestFileError(f"{where}\"template\" must be a template name (a string) or null")
     return ChatRequest(prompt=prompt, image=image, history=[tuple(turn) for turn in history], english=english,
-                       origin=origin)
+                       origin=origin, template=template)
 
 
-def read_requests(path, default_english=False) -> List[Tuple[dict, ChatRequest]]:
+def read_requests(path, default_english=False, default_template=None) -> List[Tuple[dict, ChatRequest]]:
     """(fields as given, ChatRequest) for every non-blank line of a JSONL file, in order."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--input_file: file not found: {path}")
@@ -66,7 +73,7 @@ def read_requests(path, default_english=False) -> List[Tuple[dict, ChatRequest]]
                 fields = json.loads(line)
             except json.JSONDecodeError as err:
                 raise RequestFileError(f"{origin}: not valid JSON ({err.msg} at column {err.colno})") from err
-            out.append((fields, request_from_fields(fields, base_dir, origin, default_english)))
+            out.append((fields, request_from_fields(fields, base_dir, origin, default_english, default_template)))
     if not out:
         raise RequestFileError(f"{path}: no requests (the file has no non-blank lines)")
     return out

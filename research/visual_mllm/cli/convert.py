@@ -1,4 +1,4 @@
-"""`convert_weight.py`: VisualGLM-6B, MiniGPT-4 and MiniGPT4Qwen weights to MindSpore, and back.
+"""`convert_weight.py`: VisualGLM-6B, MiniGPT-4, MiniGPT4Qwen and CogVLM weights to MindSpore, and back.
 
 VisualGLM-6B (--model_type visualglm, the default; the source format is detected):
     python convert_weight.py --torch_path visualglm-6b/ --output_dir visualglm-6b-ms/
@@ -28,6 +28,14 @@ MiniGPT-4 (Vicuna) and MiniGPT4Qwen (Qwen-7B-Chat), from the files their release
         the LLM folder vicuna/ (Qwen7B-chat/) with the kept config.json (or --llm_path's); the ViT file gets
         one all-zero block past the model's (a no-op block, where the release has its unused 40th), so
         converting the files again needs no --vit_num_layers. The command to do so is printed.
+
+CogVLM (cogvlm-chat-hf; the release ships no tokenizer: --tokenizer names the vicuna-7b-v1.5 folder):
+    python convert_weight.py --model_type cogvlm --torch_path cogvlm-chat-hf/ --tokenizer vicuna-7b-v1.5/ \
+        --output_dir cogvlm-ms/
+    Writes cogvlm_vit (EVA2-CLIP) / cogvlm_adapter (GLU adapter, boi, eoi) / cogvlm_llm (+ _embedding)
+    checkpoints, manifest.json, run_cogvlm.yaml, the tokenizer files and the release's config.json /
+    generation_config.json (as release_*.json, for the way back). Back to the release layout:
+    python convert_weight.py --model_type cogvlm --mindspore_config cogvlm-ms/run_cogvlm.yaml --output_dir cogvlm-hf/
 """
 import argparse
 import os
@@ -159,9 +167,32 @@ def convert_lavis_release(args):
                           args.output_dir, args.dtype, args.format or "ckpt", options, args.quantize)
 
 
+def convert_cogvlm(args):
+    from ..convert import cogvlm
+    from ..convert.job import parse_size
+
+    if bool(args.torch_path) == bool(args.mindspore_config):
+        raise ValueError("give exactly one of --torch_path (to MindSpore) and --mindspore_config (to the release)")
+    if not args.output_dir:
+        raise ValueError("--output_dir is required with --model_type cogvlm")
+    if args.mindspore_config:
+        if args.format == "ckpt":
+            raise ValueError("--format ckpt: the cogvlm-chat-hf layout is written as safetensors or bin")
+        if args.tokenizer or args.seq_length is not None:
+            raise ValueError("--tokenizer / --seq_length: not with --mindspore_config (the YAML's are written back)")
+        cogvlm.to_hf(args.mindspore_config, args.output_dir, args.dtype, args.format or "safetensors",
+                     parse_size(args.max_shard_size))
+        return
+    if args.max_shard_size != DEFAULT_SHARD_SIZE:
+        raise ValueError("--max_shard_size: only with --mindspore_config")
+    cogvlm.to_mindspore(args.torch_path, args.output_dir, args.dtype, args.format or "ckpt", args.tokenizer,
+                        args.quantize, args.seq_length)
+
+
 # a family record's Conversion.job -> (the job, the flags only that job takes)
 JOBS = {"visualglm": (convert_visualglm, VISUALGLM_FLAGS),
-        "lavis": (convert_lavis_release, SOURCE_FLAGS + OPTION_FLAGS)}
+        "lavis": (convert_lavis_release, SOURCE_FLAGS + OPTION_FLAGS),
+        "cogvlm": (convert_cogvlm, ("torch_path", "tokenizer", "seq_length"))}
 
 
 @fail_cleanly
@@ -174,7 +205,8 @@ def main(argv=None):
     for other, (_, flags) in JOBS.items():
         if other != job:
             takers = " or ".join(f.name for f in families.with_conversion(other))
-            refuse_flags(parser, args, flags, f"only with --model_type {takers}")
+            refuse_flags(parser, args, [flag for flag in flags if flag not in JOBS[job][1]],
+                         f"only with --model_type {takers}")
     if args.format == "bin" and not args.mindspore_config:
         raise ValueError("--format bin: MindSpore checkpoints are written as ckpt or safetensors")
     if args.quantize and args.mindspore_config:

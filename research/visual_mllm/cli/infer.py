@@ -41,12 +41,16 @@ def build_parser():
                    help="image file; repeat the flag for several requests ('' or 'none' = text-only)")
     p.add_argument("--prompt", action="append", default=None, help="question; repeat for several requests")
     p.add_argument("--input_file", help="JSONL file, one request per line: "
-                   '{"image": ..., "prompt": ..., "history": [[q, a], ...], "english": false}')
+                   '{"image": ..., "prompt": ..., "history": [[q, a], ...], "english": false, "template": ...}')
     p.add_argument("--output_file", help="write one JSONL record per request (request fields + response, "
                    "generated_ids, timings), in input order")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat (--image_path: first image)")
     add_bool_flag(p, "--english", default=False,
                   help="English prompt format (Q:/A:); the default of JSONL lines without \"english\"")
+    p.add_argument("--template", default=None,
+                   help="the family's prompt template (CogVLM: chat, vqa or base; default: the family's, CogVLM "
+                        "chat for image conversations and the demo's Vicuna conversation for text-only ones); the "
+                        "default of JSONL lines without \"template\"")
     p.add_argument("--batch_size", type=int, default=1, help="requests generated together")
     add_bool_flag(p, "--use_past", default=None, help="KV cache (default: the YAML's use_past)")
     p.add_argument("--seq_length", type=int, default=None, help="context length (default: the YAML's)")
@@ -114,7 +118,7 @@ def requests_from_args(args):
     from ..request_file import read_requests, request_from_fields
 
     if args.input_file:
-        return read_requests(args.input_file, default_english=args.english)
+        return read_requests(args.input_file, default_english=args.english, default_template=args.template)
     prompts = args.prompt or [DEFAULT_PROMPT]
     images = args.image_path if args.image_path is not None else [DEMO_IMAGE]
     if len(images) == 1 and len(prompts) > 1:
@@ -128,6 +132,8 @@ def requests_from_args(args):
     for number, (prompt, image) in enumerate(zip(prompts, images), 1):
         fields = {"image": None if image.lower() in NO_IMAGE else image, "prompt": prompt, "history": [],
                   "english": args.english}
+        if args.template is not None:
+            fields["template"] = args.template
         out.append((fields, request_from_fields(fields, origin=f"request {number} (--image_path/--prompt)")))
     return out
 
@@ -264,7 +270,7 @@ def main(argv=None):
         if args.chat:
             image = args.image_path[0] if args.image_path else None
             ChatSession(run, None if image is None or image.lower() in NO_IMAGE else image, args.english,
-                        stream, on_turn=report).loop()
+                        stream, on_turn=report, template=args.template).loop()
         else:
             answer_all(args, run, inputs, stream, report)
             if cache_folder and args.timings:

@@ -12,6 +12,12 @@ BIN = ("pytorch_model.bin.index.json", "pytorch_model.bin", "pytorch_model-{:05d
 SAFETENSORS = ("model.safetensors.index.json", "model.safetensors", "model-{:05d}-of-{:05d}.safetensors")
 
 
+def config_path(path):
+    """The config.json of an HF folder, or of the folder holding a weight / index file."""
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    return os.path.join(folder, CONFIG_FILE)
+
+
 def find_weights(path):
     """(index json or None, weight file(s)) of an HF folder or of an index/weight file given directly."""
     if os.path.isfile(path):

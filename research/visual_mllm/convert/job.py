@@ -160,9 +160,13 @@ def run_yaml_name(family):
 
 
 def tower_configs(config):
-    """{split part: the TowerConfig of the tower it holds} of a composite model config."""
-    image = config.image_encoder_config
-    return {"vit": image.vit_config, "qformer": image.qformer_config, "llm": config.llm_config}
+    """{split part: the TowerConfig of the tower it holds} of a composite model config (CogVLM's adapter file
+    has no tower config of its own: the adapter follows the ViT's)."""
+    towers = config.image_encoder_config.towers()
+    parts = {"vit": towers["vit_config"], "llm": config.llm_config}
+    if "qformer_config" in towers:
+        parts["qformer"] = towers["qformer_config"]
+    return parts
 
 
 def set_param_dtypes(config, the_plan, dtype):
@@ -317,6 +321,16 @@ def read_model_yaml(config_yaml, family):
         raise ConversionError(f"{config_yaml}: the LLM is quantised ({config.llm_config.quantize}), and the release "
                               "formats hold float weights: convert back from a float conversion (without --quantize)")
     return run_config, config
+
+
+def read_yaml_checkpoints(config_yaml, family):
+    """(run config, model config, checkpoint files, their Source) of a run YAML of `family` to convert back."""
+    run_config, config = read_model_yaml(config_yaml, family)
+    checkpoints = config.checkpoint_files()
+    if not checkpoints:
+        raise ConversionError(f"{config_yaml} names no checkpoint (vit_checkpoint / qformer_checkpoint / "
+                              "llm_checkpoint or checkpoint_name_or_path): nothing to convert")
+    return run_config, config, checkpoints, read_mindspore_checkpoints(checkpoints)
 
 
 def read_mindspore_checkpoints(paths):

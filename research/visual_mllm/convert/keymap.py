@@ -97,6 +97,12 @@ def constant(name, make):
     return Transform(name, lambda: (make(),))
 
 
+def per_layer_buffer(key, num_layers, make):
+    """Rules writing the buffer `make()` (computed from the config) under `key` ({i}: the layer) of every layer."""
+    buffer = constant(key.rsplit(".", 1)[-1], make)
+    return [rule for i in range(num_layers) for rule in expand([((), key, buffer)], i=i)]
+
+
 @dataclass(frozen=True)
 class Rule:
     sources: Tuple[str, ...]

@@ -38,7 +38,7 @@ from ..families import Family
 from . import lavis
 from .engine import DTYPES, planned_outputs
 from .job import (MANIFEST, Timer, apply_precision, check_projection, combine_plans, model_parameters, output_files,
-                  part_files, planned_parts, processor_error, read_mindspore_checkpoints, read_model_yaml, run_yaml,
+                  part_files, planned_parts, processor_error, read_yaml_checkpoints, run_yaml,
                   run_yaml_name, source_bytes, tokenizer_files, write_hf_shards, write_mindspore, write_plan)
 from .keymap import Plan, plan
 from .readers import ConversionError, Source, names, read_json
@@ -356,13 +356,8 @@ def to_release(model_type, config_yaml, output_dir, dtype="auto", file_format="b
     timer = Timer()
     spec = Spec.of(model_type)
     conversion = spec.family.conversion
-    run_config, config = read_model_yaml(config_yaml, spec.family)
-    checkpoints = config.checkpoint_files()
-    if not checkpoints:
-        raise ConversionError(f"{config_yaml} names no checkpoint (vit_checkpoint / qformer_checkpoint / "
-                              "llm_checkpoint or checkpoint_name_or_path): nothing to convert")
+    run_config, config, checkpoints, source = read_yaml_checkpoints(config_yaml, spec.family)
     files = llm_files(spec, run_config, config, llm_path, config_yaml)
-    source = read_mindspore_checkpoints(checkpoints)
     check_checkpoints(source, spec.family.model_class, config, config_yaml)
     rules = release_rules(spec, config, files.config)
     the_plan = plan(source, [rule for part in rules.values() for rule in part], (), None,

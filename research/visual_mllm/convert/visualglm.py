@@ -20,7 +20,7 @@ from . import visualglm_hf, visualglm_sat
 from .hf_folder import BIN, CONFIG_FILE, SAFETENSORS
 from .engine import DTYPES
 from .job import (MANIFEST, Timer, apply_precision, check_projection, model_parameters, output_files, part_files,
-                  planned_parts, processor_error, read_mindspore_checkpoints, read_model_yaml, run_yaml, run_yaml_name,
+                  planned_parts, processor_error, read_yaml_checkpoints, run_yaml, run_yaml_name,
                   source_bytes, tokenizer_files as files_of_tokenizer, write_hf_shards, write_mindspore)
 from .keymap import plan
 from .readers import ConversionError, read_json
@@ -193,12 +193,7 @@ def to_mindspore(torch_path, output_dir, dtype="auto", file_format="ckpt", token
 def to_hf(config_yaml, output_dir, dtype="auto", file_format="bin", max_shard_size=4 * 10 ** 9):
     """Write the weights a run YAML names as the HF-format VisualGLM release into output_dir."""
     timer = Timer()
-    run_config, config = read_model_yaml(config_yaml, FAMILY)
-    checkpoints = config.checkpoint_files()
-    if not checkpoints:
-        raise ConversionError(f"{config_yaml} names no checkpoint (vit_checkpoint / qformer_checkpoint / "
-                              "llm_checkpoint or checkpoint_name_or_path): nothing to convert")
-    source = read_mindspore_checkpoints(checkpoints)
+    run_config, config, checkpoints, source = read_yaml_checkpoints(config_yaml, FAMILY)
     the_plan = plan(source, visualglm_hf.export_rules(config), (), None, f"{source.description} ({config_yaml})")
     names = SAFETENSORS if file_format == "safetensors" else BIN
     requested = DTYPES[dtype]

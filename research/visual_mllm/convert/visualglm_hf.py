@@ -11,12 +11,11 @@ Each layer carries a `rotary_emb.inv_freq` buffer (fp16) that the HF code ignore
 The map works both ways: `export_rules` is its inverse (our names -> HF keys), plus the inv_freq
 buffers, so finetuned MindSpore weights go back to the PyTorch release format.
 """
-import os
 
 import torch
 
-from .keymap import IDENTITY, constant, expand, interleaved_heads_to_blocks, invert
-from .hf_folder import CONFIG_FILE, read_source  # noqa: F401 (read_source: this format's reader)
+from .keymap import IDENTITY, expand, interleaved_heads_to_blocks, invert, per_layer_buffer
+from .hf_folder import config_path, read_source  # noqa: F401 (read_source: this format's reader)
 from .readers import ConversionError, read_json
 from .visualglm_sat import (GLM_NORMS_MLP, config_from_sat, eva_args, image_side_rules, qformer_args)
 
@@ -63,19 +62,11 @@ def rotary_inv_freq(config):
 
 def export_rules(config):
     """Our key -> HF key rules (the inverse map) plus the per-layer inv_freq buffers of the release."""
-    rules = invert(hf_rules(config))
-    buffer = constant("rotary_inv_freq", lambda: rotary_inv_freq(config))
-    for i in range(config.llm_config.num_layers):
-        rules += expand([((), ROTARY_INV_FREQ, buffer)], i=i)
-    return rules
+    return invert(hf_rules(config)) + per_layer_buffer(ROTARY_INV_FREQ, config.llm_config.num_layers,
+                                                       lambda: rotary_inv_freq(config))
 
 
 # ----- files and config -----
-
-def config_path(path):
-    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    return os.path.join(folder, CONFIG_FILE)
-
 
 def read_config(path):
     """The release's config.json as a VisualGLMConfig (its eva_config / qformer_config are SAT's args)."""

@@ -6,9 +6,11 @@ Layout of the output folder (B = batch size, S = seq_length):
     manifest.json
     model.yaml                                  the run config (no checkpoint keys) + processor section
     tokenizer/<vocab file>
-    mindir_full_checkpoint_bs_{B}_{S}/rank_0_graph.mindir   prefill: S-token inputs, fills the KV cache
+    mindir_full_checkpoint_bs_{B}_{S}/rank_0_graph.mindir   prefill: S-token inputs, fills the KV cache (with
+                                                token_types [B,S] for decoders that take them: CogVLM)
     mindir_inc_checkpoint_bs_{B}_{S}/rank_0_graph.mindir    decode: one token per row (with --use_past)
-    image_encoder_bs_{B}/rank_0_graph.mindir    ViT + ln_vision + Q-Former + projection
+    image_encoder_bs_{B}/rank_0_graph.mindir    the image side (ViT + ln_vision + Q-Former + projection;
+                                                CogVLM: EVA2-CLIP + GLU adapter + boi/eoi)
     embedding_bs_{B}_{S}/rank_0_graph.mindir    token embedding + image splice (the only LLM weights the
                                                 host needs besides the two LLM graphs)
 
@@ -63,9 +65,10 @@ def graph_inputs(model, batch_size, seq_length):
     vit = cfg.image_encoder_config.vit_config
     b, s, q = batch_size, seq_length, model.num_image_tokens
     ints = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
+    types = [("token_types", ints(b, s))] if model.llm.takes_token_types else []
     return {
         "full": [("inputs_embeds", np.zeros((b, s, hidden), np.float32)), ("position_ids", ints(b, rows, s)),
-                 ("valid_length", ints(b)), ("prefix_length", ints(b))],
+                 ("valid_length", ints(b)), ("prefix_length", ints(b))] + types,
         "inc": [("input_ids", ints(b, 1)), ("position_ids", ints(b, rows, 1)), ("valid_length", ints(b))],
         "image_encoder": [("pixel_values", np.zeros((b, vit.in_channels, vit.image_size, vit.image_size), np.float32))],
         "embedding": [("input_ids", ints(b, s)), ("image_embeds", np.zeros((b, q, hidden), np.float32)),

@@ -153,8 +153,9 @@ class ExportedEngine:
             image_embeds = np.zeros((ids.shape[0], self.x.num_image_tokens, self.x.hidden_size), np.float32)
         return self.x.run("embedding", ids, image_embeds.astype(np.float32), starts)
 
-    def prefill(self, inputs_embeds, position_ids, valid_length, prefix_length):
-        logits = self.x.run("full", inputs_embeds, position_ids, valid_length, prefix_length)
+    def prefill(self, inputs_embeds, position_ids, valid_length, prefix_length, types):
+        extra = (types,) if self.x.takes_token_types else ()
+        logits = self.x.run("full", inputs_embeds, position_ids, valid_length, prefix_length, *extra)
         self.x.backend.after_prefill(self.x.full, self.x.inc)
         return logits
 
@@ -182,6 +183,8 @@ class ExportedModel:
         self.positions = get_family(self.manifest["family"]).model_class.position_scheme(self.config.llm_config)
         self.hidden_size = self.config.llm_config.hidden_size
         self.num_image_tokens = self.manifest["num_image_tokens"]
+        # the full graph's inputs say whether the decoder routes by token types (CogVLM)
+        self.takes_token_types = any(spec["name"] == "token_types" for spec in graphs["full"]["inputs"])
         full_path = full_path or os.path.join(export_dir, graphs["full"]["file"])
         inc_path = inc_path or (os.path.join(export_dir, graphs["inc"]["file"]) if "inc" in graphs else None)
         self.full, self.inc = self.backend.load_pair(full_path, inc_path)

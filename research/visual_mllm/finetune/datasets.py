@@ -41,6 +41,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..generation.generator import token_types
 from ..json_file import read_json
 from ..processing.image import ImageLoadError, load_image
 from ..processing.prompt import IGNORE_INDEX
@@ -505,7 +506,8 @@ class BatchSource:
             valid[k] = n
             if sample.image_start is not None:
                 starts[k] = sample.image_start
-        positions, prefix = self.positions.prompt([s.input_ids for s in chosen], length)
+        types = token_types(chosen, length, self.processor.prompt_builder.num_image_tokens)  # [B,S], 1 = image row
+        positions, prefix = self.positions.prompt([s.input_ids for s in chosen], length, types)
         shape = self.image_shape()
         pixels = np.zeros((b,) + tuple(shape), np.float32)
         for k, sample in enumerate(chosen):
@@ -514,7 +516,7 @@ class BatchSource:
         global_tokens = sum(self.samples[i].num_target_tokens for i in self.global_indices(step))
         return {"input_ids": input_ids, "labels": labels, "pixel_values": pixels, "image_start": starts,
                 "position_ids": positions.astype(np.int32), "valid_length": valid,
-                "prefix_length": prefix.astype(np.int32),
+                "prefix_length": prefix.astype(np.int32), "token_types": types,
                 # each rank divides its summed token losses by this; the data-parallel gradient mean then
                 # gives exactly the mean over every target token of the global batch
                 "token_scale": np.float32(max(global_tokens, 1) / self.world_size),
@@ -522,7 +524,7 @@ class BatchSource:
 
 
 BATCH_KEYS = ("input_ids", "labels", "pixel_values", "image_start", "position_ids", "valid_length",
-              "prefix_length", "token_scale")
+              "prefix_length", "token_types", "token_scale")
 
 __all__ = ["DatasetSettings", "DatasetValidationError", "DatasetFormatError", "Problem", "Record", "Sample",
            "FinetuneData", "load_dataset", "read_records", "BatchSource", "BATCH_KEYS", "IGNORE_INDEX",

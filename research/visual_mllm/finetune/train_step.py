@@ -40,13 +40,16 @@ class LossNet(nn.Cell):
         super().__init__(auto_prefix=False)  # parameters keep the model's names
         self.model = model
 
-    def logits(self, input_ids, pixel_values, image_start, position_ids, valid_length, prefix_length):
+    def logits(self, input_ids, pixel_values, image_start, position_ids, valid_length, prefix_length,
+               token_types=None):
         image_embeds = self.model.image_encoder(pixel_values)  # [B,Q,H]
-        return self.model(input_ids, image_embeds, image_start, position_ids, valid_length, prefix_length)
+        return self.model(input_ids, image_embeds, image_start, position_ids, valid_length, prefix_length,
+                          token_types)  # [B,S,V]
 
     def construct(self, input_ids, labels, pixel_values, image_start, position_ids, valid_length, prefix_length,
-                  token_scale):
-        logits = self.logits(input_ids, pixel_values, image_start, position_ids, valid_length, prefix_length)
+                  token_types, token_scale):
+        logits = self.logits(input_ids, pixel_values, image_start, position_ids, valid_length, prefix_length,
+                             token_types)
         return token_loss_sum(logits, labels) / token_scale
 
 

@@ -10,8 +10,10 @@ The loop talks to an *engine* (`EagerEngine` here; the exported-graph runtime in
     engine.padded_length(longest_prompt, max_new_tokens) -> S      (the sequence length to pad to)
     engine.start(batch, length)            (before each generate call; length = longest prompt + max_new_tokens)
     engine.embed(ids [B,S], image_embeds [B,Q,H] or None, image_start [B]) -> inputs_embeds
-    engine.prefill(inputs_embeds, position_ids, valid_length, prefix_length) -> logits numpy [B,V]
+    engine.prefill(inputs_embeds, position_ids, valid_length, prefix_length, token_types) -> logits numpy [B,V]
     engine.decode(ids [B,1], position_ids [B,P,1], valid_length) -> logits numpy [B,V]
+Token types ([B,S] int32, 1 on each row's image rows, `token_types`) go to the position scheme and to the
+prefill; engines pass them to the graph only for decoders that take them (CogVLM's experts).
 """
 from dataclasses import dataclass
 from typing import List, Optional
@@ -41,6 +43,15 @@ class PromptRow:
 
 def round_up(n, k):
     return -(-n // k) * k
+
+
+def token_types(rows, length, num_image_tokens):
+    """[B,length] int32: 1 on the `num_image_tokens` image rows of each row with an image, else 0."""
+    types = np.zeros((len(rows), length), np.int32)
+    for b, row in enumerate(rows):
+        if row.image_start is not None:
+            types[b, row.image_start:row.image_start + num_image_tokens] = 1
+    return types
 
 
 def image_starts(rows):
@@ -92,10 +103,11 @@ class EagerEngine:
         with execution_mode(self.prefill_mode):
             return self.embed_step(Tensor(ids), Tensor(image_embeds, ms.float32), Tensor(starts))
 
-    def prefill(self, inputs_embeds, position_ids, valid_length, prefix_length):
+    def prefill(self, inputs_embeds, position_ids, valid_length, prefix_length, types):
+        extra = (Tensor(types),) if self.llm.takes_token_types else ()
         with execution_mode(self.prefill_mode):
             return self._prefill(inputs_embeds, Tensor(position_ids), Tensor(valid_length),
-                                 Tensor(prefix_length)).asnumpy()
+                                 Tensor(prefix_length), *extra).asnumpy()
 
     def decode(self, ids, position_ids, valid_length):
         return self._decode(Tensor(ids), Tensor(position_ids), Tensor(valid_length)).asnumpy()
@@ -128,9 +140,10 @@ def generate(engine, rows: List[PromptRow], config: GenerationConfig, image_embe
     ids = np.full((batch, padded), engine.pad_token_id, np.int32)
     for b, p in enumerate(prompts):
         ids[b, :len(p)] = p
-    positions, prefix = engine.positions.prompt(prompts, padded)
+    types = token_types(rows, padded, 0 if image_embeds is None else image_embeds.shape[1])
+    positions, prefix = engine.positions.prompt(prompts, padded, types)
     if not engine.use_past:
-        positions = engine.positions.extend(prompts, positions, padded)
+        positions = engine.positions.extend(prompts, positions, padded, types)
     starts = image_starts(rows)
     engine.start(batch, int(lengths.max()) + config.max_new_tokens)
     chooser = TokenChooser(config)
@@ -140,7 +153,7 @@ def generate(engine, rows: List[PromptRow], config: GenerationConfig, image_embe
     done = np.zeros(batch, bool)
     valid = lengths.copy()
 
-    logits = engine.prefill(engine.embed(ids, image_embeds, starts), positions, valid, prefix)
+    logits = engine.prefill(engine.embed(ids, image_embeds, starts), positions, valid, prefix, types)
     for step in range(config.max_new_tokens):
         tokens = chooser(logits, seen)
         emitted = np.full(batch, -1, np.int64)  # what each row received this step (-1: nothing)
@@ -160,10 +173,10 @@ def generate(engine, rows: List[PromptRow], config: GenerationConfig, image_embe
             break
         feed = np.where(done, engine.pad_token_id, tokens).astype(np.int32)
         if engine.use_past:
-            logits = engine.decode(feed.reshape(batch, 1), engine.positions.step(prompts, step), valid)
+            logits = engine.decode(feed.reshape(batch, 1), engine.positions.step(prompts, step, types), valid)
         else:
             ids[np.arange(batch), valid] = feed
-            logits = engine.prefill(engine.embed(ids, image_embeds, starts), positions, valid + 1, prefix)
+            logits = engine.prefill(engine.embed(ids, image_embeds, starts), positions, valid + 1, prefix, types)
         valid = valid + 1
     if streamer is not None:
         streamer.end()

@@ -4,6 +4,7 @@ They are family-neutral: they only use the LLM interface of `llm/base.py`.
 
 * `EmbedStep`   input_ids [B,S], image_embeds [B,Q,H], image_start [B] -> inputs_embeds [B,S,H]
 * `PrefillStep` inputs_embeds [B,S,H], position_ids [B,P,S], valid_length [B], prefix_length [B]
+                (, token_types [B,S] for decoders that take them)
                 -> logits [B,V] of each row's last valid token (writes the KV cache when it has one)
 * `DecodeStep`  input_ids [B,1], position_ids [B,P,1], valid_length [B] -> logits [B,V]
                 (valid_length = tokens already cached per row = the index the new token is written at)
@@ -69,12 +70,12 @@ class PrefillStep(nn.Cell):
         self.llm = llm
         self.cache = cache
 
-    def construct(self, inputs_embeds, position_ids, valid_length, prefix_length):
+    def construct(self, inputs_embeds, position_ids, valid_length, prefix_length, token_types=None):
         if self.cache is None:
-            hidden = self.llm(inputs_embeds, position_ids, valid_length, prefix_length)
+            hidden = self.llm(inputs_embeds, position_ids, valid_length, prefix_length, None, False, token_types)
         else:
             hidden = self.llm(inputs_embeds, position_ids, valid_length, prefix_length,
-                              (self.cache.keys, self.cache.values), False)
+                              (self.cache.keys, self.cache.values), False, token_types)
         return self.llm.logits(last_valid(hidden, valid_length)).squeeze(1)  # [B,V]
 
 

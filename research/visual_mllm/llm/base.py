@@ -4,7 +4,8 @@ A decoder (`glm.py`; `llama.py`, which also runs Qwen v1) is a `Decoder` Cell wi
 
 * `embed(input_ids [B,S]) -> [B,S,H]` - the token embedding, so that image embeddings can be spliced in;
 * `construct(inputs_embeds [B,S,H], position_ids [B,P,S], valid_length [B], prefix_length [B],
-  caches=None, decode=False) -> hidden [B,S,H]`;
+  caches=None, decode=False, token_types=None) -> hidden [B,S,H]`; `token_types` [B,S] int32 (1 = image
+  row, 0 = text) is read only by decoders with `takes_token_types` (CogVLM's experts route by it);
 * `logits(hidden [B,S,H]) -> [B,S,V]` - final norm already applied in construct; this is the lm_head;
 * `positions` - a host-side `PositionScheme` that builds `position_ids` / `prefix_length` from token ids;
 * `cache_shape(batch, seq_length)` - the shape of one layer's key (and value) cache.
@@ -22,7 +23,8 @@ Conventions shared by every family (and recorded in exported graphs' manifests):
   indices 0..S-1. A decode step (`decode=True`, S = 1) writes the new token at index `valid_length[b]`
   (the number of tokens already cached in that row) and attends keys 0..valid_length[b] (the graph
   computes scores over all S_max slots and masks the rest: cost grows with S_max, so size it to need).
-* **Position ids** have P rows (GLM: 2 for its 2-D rotary, LLaMA/Qwen: 1).
+* **Position ids** have P rows (GLM: 2 for its 2-D rotary, LLaMA/Qwen/CogVLM: 1). A scheme is given the
+  rows' token types as well (CogVLM's positions depend on where the image is; the others ignore them).
 """
 from dataclasses import replace
 
@@ -47,26 +49,30 @@ class LLMConfig(TowerConfig):
 
 
 class PositionScheme:
-    """Host-side (numpy) position ids for a family. Subclasses implement the three methods."""
+    """Host-side (numpy) position ids for a family. Subclasses implement `prompt` and `step`.
+
+    `token_types`: None (every token text) or per row a sequence of at least len(row) 0/1 types
+    (1 = image row), as `generation.generator.token_types` builds them."""
 
     rows = 1
 
-    def prompt(self, rows, padded_length):
+    def prompt(self, rows, padded_length, token_types=None):
         """rows: list of prompt id lists -> (position_ids int32 [B,P,padded_length], prefix_length int32 [B])."""
         raise NotImplementedError
 
-    def step(self, rows, generated):
+    def step(self, rows, generated, token_types=None):
         """Positions [B,P,1] of the token at index len(prompt)+generated in each row."""
         raise NotImplementedError
 
-    def extend(self, rows, prompt_positions, total_length):
+    def extend(self, rows, prompt_positions, total_length, token_types=None):
         """Positions [B,P,total_length] for a prompt followed by generated tokens (the no-cache path)."""
         out = np.zeros((len(rows), self.rows, total_length), np.int32)
         for b, row in enumerate(rows):
             n = len(row)
+            types = None if token_types is None else [token_types[b]]
             out[b, :, :n] = prompt_positions[b, :, :n]
             for k in range(total_length - n):
-                out[b, :, n + k] = self.step([row], k)[0, :, 0]
+                out[b, :, n + k] = self.step([row], k, types)[0, :, 0]
         return out
 
 
@@ -143,9 +149,13 @@ class Decoder(nn.Cell):
     layer loop with one cache slot per layer, the final norm and an untied `lm_head` computed to fp32.
 
     Subclasses build `rotary` (position_ids -> (cos, sin)), `layers` (blocks called as
-    `block(x, cos, sin, mask, cache_k, cache_v, valid_length, decode)`) and `lm_head`, and implement
-    `embed`, `final_norm`, `cache_shape` and the classmethod `position_scheme(config)`.
+    `block(x, cos, sin, mask, cache_k, cache_v, valid_length, decode, route)`) and `lm_head`, and implement
+    `embed`, `final_norm`, `cache_shape` and the classmethod `position_scheme(config)`. `route` is what
+    `route(token_types, decode)` makes of the token types: None here (every token through the same
+    weights); a decoder with experts overrides it and sets `takes_token_types`.
     """
+
+    takes_token_types = False  # whether callers must pass token_types (generation, export, training)
 
     def __init__(self, config):
         super().__init__()
@@ -164,8 +174,14 @@ class Decoder(nn.Cell):
     def final_norm(self, x):
         raise NotImplementedError
 
-    def construct(self, inputs_embeds, position_ids, valid_length, prefix_length, caches=None, decode=False):
+    def route(self, token_types, decode):
+        """The per-token expert choice the blocks receive; None: no experts."""
+        return None
+
+    def construct(self, inputs_embeds, position_ids, valid_length, prefix_length, caches=None, decode=False,
+                  token_types=None):
         """Final-normed hidden states [B,S,H]; `caches` = (keys, values) Parameter tuples or None."""
+        route = self.route(token_types, decode)
         cos, sin = self.rotary(position_ids)
         if decode:
             mask = decode_mask(caches[0][0].shape[2], valid_length)  # [B,1,1,S_max]
@@ -174,9 +190,9 @@ class Decoder(nn.Cell):
         x = inputs_embeds
         for i in range(self.num_layers):
             if caches is None:
-                x = self.layers[i](x, cos, sin, mask, None, None, valid_length, decode)
+                x = self.layers[i](x, cos, sin, mask, None, None, valid_length, decode, route)
             else:
-                x = self.layers[i](x, cos, sin, mask, caches[0][i], caches[1][i], valid_length, decode)
+                x = self.layers[i](x, cos, sin, mask, caches[0][i], caches[1][i], valid_length, decode, route)
         return self.final_norm(x)
 
     def new_cache(self, batch, seq_length):

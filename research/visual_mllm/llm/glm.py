@@ -86,7 +86,7 @@ class GLMPositions(PositionScheme):
         mask = self.mask if self.mask in row else self.gmask
         return context, (row.index(mask) if mask in row else None)
 
-    def prompt(self, rows, padded_length):
+    def prompt(self, rows, padded_length, token_types=None):
         pos = np.zeros((len(rows), 2, padded_length), np.int32)
         prefix = np.zeros((len(rows),), np.int32)
         for b, row in enumerate(rows):
@@ -99,7 +99,7 @@ class GLMPositions(PositionScheme):
             prefix[b] = context
         return pos, prefix
 
-    def step(self, rows, generated):
+    def step(self, rows, generated, token_types=None):
         pos = np.zeros((len(rows), 2, 1), np.int32)
         for b, row in enumerate(rows):
             context, mask_position = self._anchors(row)
@@ -161,8 +161,8 @@ class GLMBlock(nn.Cell):
         self.post_attention_layernorm = LayerNorm(config.hidden_size, config.norm_eps)
         self.mlp = MLP(config.hidden_size, config.intermediate_size, approximate="tanh", precision=precision)
 
-    def construct(self, x, cos, sin, mask, cache_k, cache_v, valid_length, decode):
-        h = self.input_layernorm(x)
+    def construct(self, x, cos, sin, mask, cache_k, cache_v, valid_length, decode, route=None):
+        h = self.input_layernorm(x)  # route: always None (GLM has no experts)
         x = h * self.alpha + self.attention(h, cos, sin, mask, cache_k, cache_v, valid_length, decode)
         m = self.post_attention_layernorm(x)
         return m * self.alpha + self.mlp(m)

@@ -63,13 +63,13 @@ class CausalPositions(PositionScheme):
 
     rows = 1
 
-    def prompt(self, rows, padded_length):
+    def prompt(self, rows, padded_length, token_types=None):
         pos = np.zeros((len(rows), 1, padded_length), np.int32)
         for b, row in enumerate(rows):
             pos[b, 0, :len(row)] = np.arange(len(row))
         return pos, np.zeros((len(rows),), np.int32)
 
-    def step(self, rows, generated):
+    def step(self, rows, generated, token_types=None):
         return np.array([len(row) + generated for row in rows], np.int32).reshape(-1, 1, 1)
 
 
@@ -102,11 +102,23 @@ class LlamaAttention(nn.Cell):
         self.repeats = config.num_heads // config.num_kv_heads
         head_dim = config.head_dim
         self.sizes = (config.num_heads * head_dim, config.num_kv_heads * head_dim, config.num_kv_heads * head_dim)
-        self.qkv = Linear(config.hidden_size, sum(self.sizes), has_bias=config.qkv_bias, precision=precision)
-        self.o_proj = Linear(config.num_heads * head_dim, config.hidden_size, has_bias=False, precision=precision)
+        self.qkv = self.make_linear(config.hidden_size, sum(self.sizes), config.qkv_bias, precision)
+        self.o_proj = self.make_linear(config.num_heads * head_dim, config.hidden_size, False, precision)
 
-    def construct(self, x, cos, sin, mask, cache_k, cache_v, valid_length, decode):
-        q, k, v = ops.split(self.qkv(x), self.sizes, axis=-1)  # [B,S,h*d], [B,S,kv*d] x 2
+    def make_linear(self, in_features, out_features, has_bias, precision):
+        """One projection of the attention (a decoder with experts makes one per expert)."""
+        return Linear(in_features, out_features, has_bias=has_bias, precision=precision)
+
+    def project_qkv(self, x, route):
+        """[B,S,H] -> fused [Q; K; V] [B,S,(h+2kv)*d] (`route`: the expert choice of decoders with experts)."""
+        return self.qkv(x)
+
+    def project_out(self, x, route):
+        """[B,S,h*d] -> [B,S,H]"""
+        return self.o_proj(x)
+
+    def construct(self, x, cos, sin, mask, cache_k, cache_v, valid_length, decode, route=None):
+        q, k, v = ops.split(self.project_qkv(x, route), self.sizes, axis=-1)  # [B,S,h*d], [B,S,kv*d] x 2
         q = apply_rotary(split_heads(q, self.num_heads), cos, sin)  # [B,h,S,d]
         k = apply_rotary(split_heads(k, self.num_kv_heads), cos, sin)  # [B,kv,S,d]
         v = split_heads(v, self.num_kv_heads)  # [B,kv,S,d]
@@ -114,31 +126,43 @@ class LlamaAttention(nn.Cell):
         if self.repeats > 1:  # query head i reads key/value head i // repeats
             k = ops.repeat_interleave(k, self.repeats, axis=1)  # [B,h,Sk,d]
             v = ops.repeat_interleave(v, self.repeats, axis=1)
-        return self.o_proj(merge_heads(attention(q, k, v, mask)))  # [B,S,H]
+        return self.project_out(merge_heads(attention(q, k, v, mask)), route)  # [B,S,H]
 
 
 class LlamaBlock(nn.Cell):
+    attention_class = LlamaAttention
+
     def __init__(self, config, precision):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.self_attn = LlamaAttention(config, precision)
+        self.self_attn = self.attention_class(config, precision)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, precision)
+        self.mlp = self.build_mlp(config, precision)
 
-    def construct(self, x, cos, sin, mask, cache_k, cache_v, valid_length, decode):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_k, cache_v, valid_length, decode)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def build_mlp(self, config, precision):
+        return SwiGLU(config.hidden_size, config.intermediate_size, precision)
+
+    def feed_forward(self, x, route):
+        """The MLP of [B,S,H] (`route`: the expert choice of decoders with experts)."""
+        return self.mlp(x)
+
+    def construct(self, x, cos, sin, mask, cache_k, cache_v, valid_length, decode, route=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_k, cache_v, valid_length, decode,
+                               route)  # [B,S,H]
+        return x + self.feed_forward(self.post_attention_layernorm(x), route)  # [B,S,H]
 
 
 class LlamaModel(Decoder):
     """LLaMA decoder with the LLM interface of `llm/base.py`."""
+
+    block_class = LlamaBlock
 
     def __init__(self, config):
         super().__init__(config)
         precision = self.precision
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, precision=precision)
         self.rotary = Rotary(config.head_dim, config.rope_theta)
-        self.layers = nn.CellList([LlamaBlock(config, precision) for _ in range(config.num_layers)])
+        self.layers = nn.CellList([self.block_class(config, precision) for _ in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, has_bias=False, precision=self.head_precision)
 

@@ -1,8 +1,9 @@
-"""What every family's model is: the shared image side + an LLM behind the interface of `llm/base.py`.
+"""What every family's model is: an image side + an LLM behind the interface of `llm/base.py`.
 
-A family subclasses `VisionLanguageConfig` (naming its decoder's config class) and `VisionLanguageModel`
-(naming its decoder class and checkpoint file names). Image encoding, splicing, generation and weight
-loading are the same for all of them.
+A family subclasses `VisionLanguageConfig` (naming its decoder's config class and, if it is not the BLIP-2
+one of `vision/image_encoder.py`, its image side's config class) and `VisionLanguageModel` (naming its
+decoder class, image encoder class and checkpoint file names). Image encoding, splicing, generation and
+weight loading are the same for all of them.
 """
 import os
 
@@ -14,7 +15,7 @@ from mindformers.models.modeling_utils import PreTrainedModel
 from ..configuration import StrictConfig
 from ..generation.generator import EagerEngine, PromptRow, generate
 from ..generation.steps import PREFILL_MODES, execution_mode, splice_image
-from ..vision.image_encoder import ImageEncoder, ImageEncoderConfig
+from ..vision.image_encoder import ImageEncoder, ImageEncoderConfig, ProjectionMismatchError, check_projection
 from .pretrained import PretrainedIOMixin
 from .weights import deferred_init, load_checkpoints
 
@@ -42,11 +43,12 @@ class VisionLanguageConfig(StrictConfig):
     """
 
     llm_config_class = None  # set by each family: the config class of its decoder
+    image_encoder_config_class = ImageEncoderConfig  # the config class of its image side
 
     def __init__(self, image_encoder_config=None, llm_config=None, seq_length=512, use_past=True,
                  image_placeholder=None, vit_checkpoint=None, qformer_checkpoint=None, llm_checkpoint=None,
                  seed=0, prefill_mode="graph", **kwargs):
-        self.image_encoder_config = self.sub_config(image_encoder_config, ImageEncoderConfig)
+        self.image_encoder_config = self.sub_config(image_encoder_config, self.image_encoder_config_class)
         self.llm_config = self.sub_config(llm_config, self.llm_config_class)
         self.seq_length = seq_length
         self.use_past = use_past
@@ -86,23 +88,8 @@ class VisionLanguageConfig(StrictConfig):
         return output
 
 
-class ProjectionMismatchError(ValueError):
-    """The image projection's output width does not equal the LLM hidden size."""
-
-
-def check_projection(image_encoder_config, llm_hidden_size):
-    """Fill an unset projection width from the LLM, refuse one that does not fit it."""
-    width = image_encoder_config.projection_size
-    if width is None:
-        image_encoder_config.projection_size = llm_hidden_size
-    elif width != llm_hidden_size:
-        raise ProjectionMismatchError(
-            f"the image projection outputs {width} features but the LLM hidden size is {llm_hidden_size}: "
-            f"the projection belongs to a different LLM size (e.g. a 13B projection with a 7B LLM)")
-
-
 class VisionLanguageModel(PretrainedIOMixin, PreTrainedModel):
-    """image_encoder (ViT + ln_vision + Q-Former + projection) and llm; generation through `EagerEngine`."""
+    """image_encoder (the family's `image_encoder_class`) and llm; generation through `EagerEngine`."""
 
     base_model_prefix = ""
 
@@ -111,9 +98,9 @@ class VisionLanguageModel(PretrainedIOMixin, PreTrainedModel):
         checkpoints = config.checkpoint_files()
         if not checkpoints:
             ms.set_seed(config.seed)  # no weights given: a reproducible random model (the built-in demo)
-        check_projection(config.image_encoder_config, config.llm_config.hidden_size)
+        config.image_encoder_config.fit_llm(config.llm_config)
         with deferred_init(bool(checkpoints)):  # weights to load: no random values made first
-            self.image_encoder = ImageEncoder(config.image_encoder_config)
+            self.image_encoder = self.image_encoder_class(config.image_encoder_config)
             self.llm = self.llm_class(config.llm_config)
         self._engines = {}
         if checkpoints:
@@ -121,6 +108,7 @@ class VisionLanguageModel(PretrainedIOMixin, PreTrainedModel):
 
     family = None  # short family name, recorded in exported manifests and conversion outputs
     llm_class = None  # the family's decoder (a `llm.base.Decoder`)
+    image_encoder_class = ImageEncoder  # the family's image side (pixel_values -> image rows for the LLM)
     # file names (without extension) of the split checkpoints the converter and the merge step write
     split_files = None
 
@@ -137,17 +125,20 @@ class VisionLanguageModel(PretrainedIOMixin, PreTrainedModel):
 
     @property
     def num_image_tokens(self):
-        return self.config.image_encoder_config.qformer_config.num_query_tokens
+        return self.config.image_encoder_config.num_image_tokens
 
     def encode_images(self, pixel_values):
         """pixel_values numpy [B,3,H,W] -> image embeddings numpy [B,Q,H_llm], run as config.prefill_mode says."""
         with execution_mode(PREFILL_MODES[self.config.prefill_mode]):
             return self.image_encoder(Tensor(np.asarray(pixel_values, np.float32))).asnumpy()
 
-    def construct(self, input_ids, image_embeds, image_start, position_ids, valid_length, prefix_length):
-        """Logits [B,S,V] of every position (training and parity checks); image rows spliced in."""
+    def construct(self, input_ids, image_embeds, image_start, position_ids, valid_length, prefix_length,
+                  token_types=None):
+        """Logits [B,S,V] of every position (training and parity checks); image rows spliced in.
+        token_types [B,S] (1 = image row): needed by decoders that take them (`llm.takes_token_types`)."""
         embeds = splice_image(self.llm.embed(input_ids), image_embeds, image_start)
-        return self.llm.logits(self.llm(embeds, position_ids, valid_length, prefix_length))
+        return self.llm.logits(self.llm(embeds, position_ids, valid_length, prefix_length, None, False,
+                                        token_types))
 
     def engine(self, use_past=None):
         """The eager generation engine (graph-mode cells, one KV cache per batch size)."""

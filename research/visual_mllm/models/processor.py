@@ -35,7 +35,7 @@ class VisionLanguageProcessor(ProcessorMixin):
         image_processor: a ``BlipImageProcessor`` (any mindformers ``BaseImageProcessor`` returning
             float32 numpy [B,3,H,W]).
         tokenizer: the family's tokenizer.
-        num_image_tokens: placeholder ids per image (= Q-Former queries); None = set later from the
+        num_image_tokens: placeholder ids per image (= Q-Former queries; CogVLM: patches + 2); None = set later from the
             model config (``configure_for_model``).
         image_placeholder: an explicit token id, "pad" / "unk" (the tokenizer's), or None (the model's).
     """
@@ -58,11 +58,11 @@ class VisionLanguageProcessor(ProcessorMixin):
         """Take the prompt format, image token count and placeholder from a model config; refuse
         contradicting values."""
         self.builder_class = families.family_of(model_config).prompt_builder_class
-        queries = int(model_config.image_encoder_config.qformer_config.num_query_tokens)
+        queries = int(model_config.image_encoder_config.num_image_tokens)
         if self.num_image_tokens is not None and self.num_image_tokens != queries:
             raise ProcessorModelMismatchError(
-                f"processor.num_image_tokens is {self.num_image_tokens} but the model's Q-Former has "
-                f"{queries} queries (model_config.image_encoder_config.qformer_config.num_query_tokens)")
+                f"processor.num_image_tokens is {self.num_image_tokens} but an image fills {queries} rows of the "
+                f"model's prompts (the Q-Former's queries, or CogVLM's patches + 2)")
         placeholder = model_config.image_placeholder
         if placeholder is None:
             placeholder = int(model_config.llm_config.pad_token_id)
@@ -121,23 +121,20 @@ class VisionLanguageProcessor(ProcessorMixin):
         return pixel_values
 
     def __call__(self, query: str, image=None, history: History = (), english: bool = False,
-                 max_prompt_tokens: Optional[int] = None) -> dict:
+                 max_prompt_tokens: Optional[int] = None, template: Optional[str] = None) -> dict:
         """Model inputs of one conversation turn.
 
         Returns {"input_ids": list of int, "image_start": index of the first image placeholder or None,
         "pixel_values": float32 numpy [1,3,H,W] or None, "history": the history turns kept}.
         With ``max_prompt_tokens`` the oldest history turns are dropped until the prompt fits
-        (``PromptTooLongError`` if even the bare query does not).
+        (``PromptTooLongError`` if even the bare query does not). ``template``: one of the family's prompt
+        templates (CogVLM: chat, vqa, base), None for its default.
         """
         has_image = image is not None
         pixel_values = self.preprocess_image(image) if has_image else None
-        builder = self.prompt_builder
-        if max_prompt_tokens is None:
-            kept = [tuple(turn) for turn in history]
-            ids = builder.build_ids(query, kept, has_image=has_image, english=english)
-        else:
-            kept, ids = builder.fit_history(query, history, int(max_prompt_tokens),
-                                            has_image=has_image, english=english)
+        budget = None if max_prompt_tokens is None else int(max_prompt_tokens)
+        kept, ids = self.prompt_builder.fit_history(query, history, budget, has_image=has_image, english=english,
+                                                    template=template)
         return {"input_ids": list(ids.input_ids), "image_start": ids.image_start,
                 "pixel_values": pixel_values, "history": kept}
 

@@ -24,10 +24,12 @@ from ..atomic import write_atomic
 from ..layers import SCALE_SUFFIX, numpy_dtype, quantize_int8
 
 # Which parameters each split checkpoint holds (by name prefix). The Q-Former file also carries
-# ln_vision and the projection, as the older MindFormers port wrote it.
+# ln_vision and the projection, as the older MindFormers port wrote it: it holds the image side past the
+# ViT, which for CogVLM is the GLU adapter with boi / eoi (its `qformer_checkpoint` is that file).
 SPLIT_PARTS = {
     "vit": ("image_encoder.vit.",),
-    "qformer": ("image_encoder.ln_vision.", "image_encoder.qformer.", "image_encoder.projection."),
+    "qformer": ("image_encoder.ln_vision.", "image_encoder.qformer.", "image_encoder.projection.",
+                "image_encoder.adapter.", "image_encoder.boi", "image_encoder.eoi"),
     "llm": ("llm.",),
 }
 READ_BLOCK = 1 << 30  # bytes per read() call (Linux reads at most ~2 GiB at once)

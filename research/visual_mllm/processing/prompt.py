@@ -126,6 +126,9 @@ class PromptBuilder(abc.ABC):
     or "pad" / "unk" for the tokenizer's pad / unk id.
     """
 
+    # the prompt templates a request may name (`template`); a family without any takes only None
+    templates: Tuple[str, ...] = ()
+
     def __init__(self, tokenizer, num_image_tokens: int, placeholder: Union[str, int]):
         if int(num_image_tokens) <= 0:
             raise ValueError(f"num_image_tokens must be positive, got {num_image_tokens!r}")
@@ -187,18 +190,29 @@ class PromptBuilder(abc.ABC):
     def pad_id(self) -> int:
         """The id that right-pads training rows (masked out and never trained on): the family's reference pad."""
 
-    def fit_history(self, query: str, history: History, max_prompt_tokens: int,
-                    has_image: bool = False, english: bool = False) -> Tuple[List[Tuple[str, str]], PromptIds]:
+    def check_template(self, template: Optional[str]):
+        """Refuse a template name the family does not have (None, its default, always fits)."""
+        if template is not None and template not in self.templates:
+            known = f"one of {', '.join(self.templates)}" if self.templates else "none: leave it unset"
+            raise ValueError(f"prompt template {template!r}: {type(self).__name__} templates are {known}")
+
+    def fit_history(self, query: str, history: History, max_prompt_tokens: Optional[int],
+                    has_image: bool = False, english: bool = False,
+                    template: Optional[str] = None) -> Tuple[List[Tuple[str, str]], PromptIds]:
         """Drop the oldest history turns until the prompt has at most ``max_prompt_tokens`` ids.
 
+        `template`: one of the builder's `templates` (passed on to build_ids), None for its default.
+        max_prompt_tokens None: no limit (the whole history is kept).
         Returns (kept history, ids). Raises PromptTooLongError if even the bare query (no history)
         is too long, saying by how many tokens.
         """
+        self.check_template(template)
+        named = {} if template is None else {"template": template}
         turns = [tuple(turn) for turn in history]
         for start in range(len(turns) + 1):
             kept = turns[start:]
-            ids = self.build_ids(query, kept, has_image=has_image, english=english)
-            if len(ids) <= max_prompt_tokens:
+            ids = self.build_ids(query, kept, has_image=has_image, english=english, **named)
+            if max_prompt_tokens is None or len(ids) <= max_prompt_tokens:
                 return kept, ids
         dropped = f" with all {len(turns)} history turn(s) dropped" if turns else ""
         raise PromptTooLongError(

@@ -1,9 +1,13 @@
-"""EVA ViT-g/14, the image tower shared by VisualGLM-6B, MiniGPT-4 and MiniGPT4Qwen.
+"""EVA ViT-g/14, the image tower of VisualGLM-6B, MiniGPT-4 and MiniGPT4Qwen, and EVA2-CLIP-E, CogVLM's.
 
 A plain pre-LN ViT: patch convolution, a CLS token and learned absolute position embeddings, then
 `x = x + attn(norm1(x)); x = x + mlp(norm2(x))` per block, exact GELU, and no final LayerNorm (the
 `ln_vision` that follows belongs to the ImageEncoder). Parameter names follow the EVA/LAVIS
 `eva_vit_g.pth` layout, except that q_bias / v_bias are stored as one fused qkv bias (as SAT and HF do).
+
+EVA2-CLIP as CogVLM runs it (`Eva2Clip`) is the same tower with one difference in the blocks: the
+LayerNorms sit *after* each branch, `h = x + norm1(attn(x)); out = h + norm2(mlp(h))` (`PostNormBlock`);
+CogVLM's checkpoint has a bias on all of q, k and v, which the fused qkv bias holds as it is.
 """
 import mindspore as ms
 from mindspore import Parameter, nn, ops
@@ -111,8 +115,18 @@ class EvaBlock(nn.Cell):
         return x + self.mlp(self.norm2(x))  # [B, S, D]
 
 
+class PostNormBlock(EvaBlock):
+    """EVA2-CLIP's block (CogVLM's `visual.py` TransformerLayer): each branch normed before it is added."""
+
+    def construct(self, x):
+        x = x + self.norm1(self.attn(x))  # [B, S, D]
+        return x + self.norm2(self.mlp(x))  # [B, S, D]
+
+
 class EvaViT(nn.Cell):
     """pixel_values [B, C, H, W] -> tokens [B, N+1, D] (CLS first, then the patches row-major)."""
+
+    block_class = EvaBlock
 
     def __init__(self, config):
         super().__init__()
@@ -124,7 +138,7 @@ class EvaViT(nn.Cell):
         self.pos_embed = Parameter(initializer(Normal(0.02), (1, config.num_patches + 1, d), ms.float32),
                                    name="pos_embed")
         self.patch_embed = PatchEmbed(config.in_channels, d, config.patch_size)
-        self.blocks = nn.CellList([EvaBlock(config, precision) for _ in range(config.num_layers)])
+        self.blocks = nn.CellList([self.block_class(config, precision) for _ in range(config.num_layers)])
 
     def construct(self, pixel_values):
         # cast here, not inside PatchEmbed: under amp the cell's own entry casts its inputs and weights
@@ -135,3 +149,23 @@ class EvaViT(nn.Cell):
         for block in self.blocks:
             x = block(x)  # [B, N+1, D]
         return x
+
+
+class Eva2ClipConfig(EvaViTConfig):
+    """EvaViTConfig with the defaults of CogVLM-17B's EVA2-CLIP-E (`vision_config` of cogvlm-chat-hf's
+    config.json): 490 px, patch 14 (35 x 35 = 1225 patches + CLS = its 1226 `num_positions`), 1792 wide,
+    63 layers, 16 heads, MLP 15360, LayerNorm eps 1e-6, exact GELU."""
+
+    model_type = "visual_mllm_eva2_clip"
+
+    def __init__(self, image_size=490, patch_size=14, in_channels=3, hidden_size=1792, num_layers=63,
+                 num_heads=16, intermediate_size=15360, norm_eps=1e-6, **kwargs):
+        super().__init__(image_size=image_size, patch_size=patch_size, in_channels=in_channels,
+                         hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                         intermediate_size=intermediate_size, norm_eps=norm_eps, **kwargs)
+
+
+class Eva2Clip(EvaViT):
+    """CogVLM's EVA2-CLIP tower: EvaViT with post-branch-norm blocks, no final norm; [B, N+1, D] out."""
+
+    block_class = PostNormBlock

@@ -1,7 +1,10 @@
-"""The BLIP-2 image side shared by every family: EVA ViT -> ln_vision -> Q-Former -> projection.
+"""The BLIP-2 image side of VisualGLM, MiniGPT-4 and MiniGPT4Qwen: EVA ViT -> ln_vision -> Q-Former -> projection.
 
 The projection is VisualGLM's `glm_proj`, MiniGPT-4's `llama_proj` and MiniGPT4Qwen's `llm_proj`
 under one name; only its output width (the LLM hidden size) differs between families.
+A family with another image side (CogVLM: `cogvlm_image.py`) names its own encoder and config classes;
+what shared code reads of an image encoder config is `vit_config`, `projection_size`, `num_image_tokens`
+and `towers()`, and of the encoder `construct` and `encode_with_intermediates`.
 """
 from mindspore import nn
 
@@ -9,6 +12,21 @@ from ..configuration import StrictConfig
 from ..layers import LayerNorm, Linear, Precision
 from .eva_vit import EvaViT, EvaViTConfig
 from .qformer import QFormer, QFormerConfig
+
+
+class ProjectionMismatchError(ValueError):
+    """The image projection's output width does not equal the LLM hidden size."""
+
+
+def check_projection(image_encoder_config, llm_hidden_size):
+    """Fill an unset projection width from the LLM, refuse one that does not fit it."""
+    width = image_encoder_config.projection_size
+    if width is None:
+        image_encoder_config.projection_size = llm_hidden_size
+    elif width != llm_hidden_size:
+        raise ProjectionMismatchError(
+            f"the image projection outputs {width} features but the LLM hidden size is {llm_hidden_size}: "
+            f"the projection belongs to a different LLM size (e.g. a 13B projection with a 7B LLM)")
 
 
 class ImageEncoderConfig(StrictConfig):
@@ -31,6 +49,19 @@ class ImageEncoderConfig(StrictConfig):
         self.ln_vision_eps = ln_vision_eps
         self.projection_size = projection_size
         super().__init__(**kwargs)
+
+    @property
+    def num_image_tokens(self):
+        """Rows an image fills in the prompt: the Q-Former's queries."""
+        return self.qformer_config.num_query_tokens
+
+    def towers(self):
+        """{name: TowerConfig} of the image side (precision overrides reach each)."""
+        return {"vit_config": self.vit_config, "qformer_config": self.qformer_config}
+
+    def fit_llm(self, llm_config):
+        """Fill what the LLM decides (the projection width), refuse what contradicts it."""
+        check_projection(self, llm_config.hidden_size)
 
 
 class ImageEncoder(nn.Cell):
