@@ -29,8 +29,8 @@ def with_image(url, text="q1"):
 def test_turns_become_history_and_the_image_is_the_conversations():
     messages = [with_image(png_url()), {"role": "assistant", "content": "a1"},
                 {"role": "user", "content": [{"type": "text", "text": "q2"}]}]
-    request = to_chat_request(messages, ImageLimits(), english=True, origin="r1")
-    assert (request.prompt, request.history, request.english) == ("q2", [("q1", "a1")], True)
+    request = to_chat_request(messages, ImageLimits(), english=True, template="vqa", origin="r1")
+    assert (request.prompt, request.history, request.english, request.template) == ("q2", [("q1", "a1")], True, "vqa")
     assert request.image.size == (8, 8) and request.image.mode == "RGB"
     assert to_chat_request([{"role": "user", "content": "hi"}], ImageLimits()).image is None
 

@@ -5,7 +5,8 @@ token counts; parallel clients each get their own answer in shared batches, none
 input gets the right status in OpenAI's error shape, and the server answers the next request.
 
 One server per family (module-scoped); the requests come from the fixtures' reference files, exactly as
-test_run_infer_e2e.py and test_run_infer_families.py read them.
+test_run_infer_e2e.py, test_run_infer_families.py and test_run_infer_cogvlm.py read them. A request's
+"template" (CogVLM's prompt templates) reaches the prompt; a name the family lacks is a 400.
 """
 import base64
 import concurrent.futures
@@ -27,10 +28,11 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 API_KEY = "test-key-123"
-FAMILIES = ["visualglm", "minigpt4", "minigpt4qwen"]
+FAMILIES = ["visualglm", "minigpt4", "minigpt4qwen", "cogvlm"]
 # the batcher, the limits and the errors are family-neutral: those tests run on one family's server (the same
 # module-scoped instance: an indirect parameter equal to one of the fixture's own)
 ON_VISUALGLM = pytest.mark.parametrize("server", ["visualglm"], indirect=True)
+ON_COGVLM = pytest.mark.parametrize("server", ["cogvlm"], indirect=True)  # the family with prompt templates
 
 
 def free_port():
@@ -96,8 +98,21 @@ def cases(family):
         return [(s["name"], conversation(fixture_path("visualglm", s["image"]) if s["image"] else None,
                                          s["history"], s["query"]), s["english"], s["generated_ids"], s["response"],
                  s["prompt_len"]) for s in load_json("visualglm", "reference.json")["samples"]]
+    if family == "cogvlm":  # every turn of every sample, as test_run_infer_cogvlm.py sends them
+        return [(f"{s['name']} turn {number}", conversation(fixture_path("cogvlm", s["image"]) if s["image"] else None,
+                                                            t["history"], t["user_text"]), False, t["generated_ids"],
+                 t["response"], len(t["input_ids"])) for s in load_json("cogvlm", "reference.json")["samples"]
+                for number, t in enumerate(s["turns"])]
     return [(t.name, conversation(t.request.image, t.request.history, t.request.prompt), False, t.generated_ids,
              t.answer, None) for t in turns(family)]
+
+
+def reference_max_tokens(family):
+    """The number of new tokens the family's reference answers were generated with."""
+    if family in ("minigpt4", "minigpt4qwen"):
+        return new_tokens(family)
+    reference = load_json(family, "reference.json")
+    return reference["n_new_tokens"] if family == "visualglm" else reference["generation"]["max_new_tokens"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -111,8 +126,7 @@ def server(request, tmp_path_factory):
                 "--served_model_name", f"{family}-fixture", "--max_image_mb", 1, "--max_image_pixels", 300_000,
                 *([] if family == "visualglm" else ["--quick_start"]),  # the batch tests run on VisualGLM
                 env={"VISUAL_MLLM_API_KEY": API_KEY}) as (url, log_path):
-        yield family, url, log_path, f"{family}-fixture", new_tokens(family) if family != "visualglm" else \
-            load_json("visualglm", "reference.json")["n_new_tokens"], cases(family)
+        yield family, url, log_path, f"{family}-fixture", reference_max_tokens(family), cases(family)
 
 
 @pytest.fixture(scope="module")
@@ -153,11 +167,12 @@ def client(url, key=API_KEY):
     return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=300)
 
 
-def ask(server, messages, english, stream=False):
+def ask(server, messages, english, stream=False, template=None):
     """(answer text, token ids, usage, completion id) of one greedy request through the openai client."""
     _, url, _, model, max_tokens, _ = server
+    named = {} if template is None else {"template": template}
     kwargs = dict(model=model, messages=messages, temperature=0, max_tokens=max_tokens,
-                  extra_body={"english": english, "return_token_ids": True})
+                  extra_body={"english": english, "return_token_ids": True, **named})
     if not stream:
         response = client(url).chat.completions.create(**kwargs)
         choice = response.choices[0]
@@ -213,6 +228,29 @@ def test_parallel_clients_share_batches(server):
     assert after["largest_batch"] > 1, after
     log = log_path.read_text(errors="replace")
     assert "request(s) in a batch of" in log
+
+
+@ON_COGVLM
+def test_a_request_names_its_prompt_template(server):
+    """"template": "vqa" asks "Question: {q} Short answer:", the prompt the "base" template (the query as it
+    is) makes of that text: both give the same prompt tokens and answer, streamed and not, and not the chat
+    template's; a template the family lacks is a 400 in OpenAI's error shape, and the next request is answered."""
+    _, url, _, model, _, samples = server
+    _, messages, _, chat_ids, _, chat_prompt_tokens = samples[0]  # an image sample, no history
+    question = messages[0]["content"][1]["text"]
+    spelled_out = [{"role": "user", "content": [messages[0]["content"][0],
+                                                 {"type": "text", "text": f"Question: {question} Short answer:"}]}]
+    for stream in (False, True):
+        vqa = ask(server, messages, False, stream, template="vqa")
+        base = ask(server, spelled_out, False, stream, template="base")
+        assert vqa[:2] == base[:2] and vqa[2].prompt_tokens == base[2].prompt_tokens, stream
+        assert vqa[1] != chat_ids and vqa[2].prompt_tokens != chat_prompt_tokens, stream
+    response = post(url, {"model": model, "messages": messages, "template": "poem"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", "template", "invalid_template")
+    assert "'poem'" in error["message"] and "chat, vqa, base" in error["message"], error
+    assert ask(server, messages, False)[:2] == (samples[0][4], chat_ids)
 
 
 @ON_VISUALGLM
@@ -280,6 +318,8 @@ BAD = {  # name -> (request body or raw bytes, API key, status, code, words the 
         "one image per conversation"),
     "over_long_prompt": ({"model": "M", "messages": [{"role": "user", "content": "长 " * 2000}]}, API_KEY, 400,
                          "context_length_exceeded", "tokens"),
+    "template_the_family_lacks": ({"model": "M", "template": "vqa", "messages": [{"role": "user", "content": "hi"}]},
+                                  API_KEY, 400, "invalid_template", "'vqa'"),
     "n_2": ({"model": "M", "n": 2, "messages": [{"role": "user", "content": "hi"}]}, API_KEY, 400, None, "n=1"),
     "missing_api_key": ({"model": "M", "messages": [{"role": "user", "content": "hi"}]}, None, 401,
                         "missing_api_key", "API key"),

@@ -7,8 +7,9 @@
     GET  /                      the web chat page (static/index.html, over the same API)
 
 Extensions of the request (the openai client sends them with extra_body): "english" (the family's
-English prompt format, VisualGLM's Q:/A:), "return_token_ids" (each choice also carries `token_ids`,
-the generated ids). Every error is OpenAI's error JSON; no traceback reaches a client (the log has it,
+English prompt format, VisualGLM's Q:/A:), "template" (one of the family's prompt templates, CogVLM's
+chat / vqa / base; a name the family lacks is a 400), "return_token_ids" (each choice also carries
+`token_ids`, the generated ids). Every error is OpenAI's error JSON; no traceback reaches a client (the log has it,
 under the request's id).
 """
 import asyncio
@@ -67,6 +68,7 @@ class ChatCompletionRequest(BaseModel):
     stop: Union[str, List[str], None] = None
     n: int = 1
     english: bool = False
+    template: Optional[str] = None  # the family's prompt template (as run_infer.py's --template); None = its default
     return_token_ids: bool = False
 
 

@@ -134,8 +134,9 @@ def split_content(content, where):
     return "\n".join(texts), urls
 
 
-def to_chat_request(messages, limits, english=False, origin=None):
-    """The ChatRequest of a validated `messages` list (dicts with role and content)."""
+def to_chat_request(messages, limits, english=False, template=None, origin=None):
+    """The ChatRequest of a validated `messages` list (dicts with role and content); `english` and `template`
+    are the request's prompt options (ChatRequest's)."""
     if not messages:
         raise bad_request("messages must hold at least one user message", "messages")
     image, turns = None, []
@@ -164,4 +165,5 @@ def to_chat_request(messages, limits, english=False, origin=None):
     if len(turns) % 2 == 0:
         raise bad_request("the last message must be a user message", "messages")
     history = list(zip(turns[0:-1:2], turns[1:-1:2]))
-    return ChatRequest(prompt=turns[-1], image=image, history=history, english=english, origin=origin)
+    return ChatRequest(prompt=turns[-1], image=image, history=history, english=english, template=template,
+                       origin=origin)

@@ -118,8 +118,13 @@ class Service:
         if len(stops) > 4 or not all(stops):
             raise bad_request("stop takes up to 4 non-empty strings", "stop")
         max_tokens = body.max_completion_tokens or body.max_tokens or self.options.default_max_tokens
+        try:
+            self.processor.prompt_builder.check_template(body.template)
+        except ValueError as err:
+            raise bad_request(f"{err} (model {self.options.model_id!r}, family {self.family.name})", "template",
+                              "invalid_template") from err
         request = to_chat_request([m.model_dump() for m in body.messages], self.options.images, body.english,
-                                  origin=job_id)
+                                  body.template, origin=job_id)
         config = self.generation_config(body, max_tokens)
         try:
             row, pixels, kept = prepare(self.model, self.processor, request, max_tokens)
