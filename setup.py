@@ -18,8 +18,8 @@ RUNTIME = [
 EXTRAS = {
     # Reading PyTorch checkpoints (conversion) needs torch; the CPU build lies on the project machines.
     "convert": ["torch==2.13.0", "safetensors"],
-    # The test suite compares against transformers' Blip2/LLaMA classes (mindformers pins 4.57.1).
-    "test": ["pytest", "torch==2.13.0", "safetensors", "transformers==4.57.1",
+    # The test suite (two pytest-xdist workers) compares against transformers' Blip2/LLaMA classes (mindformers pins 4.57.1).
+    "test": ["pytest", "pytest-xdist", "torch==2.13.0", "safetensors", "transformers==4.57.1",
              # the server's tests: the official OpenAI client, raw HTTP, and the web page in the OS's Chromium
              "openai", "httpx", "playwright"],
 }
@@ -27,7 +27,7 @@ EXTRAS = {
 setup(
     name="visual_mllm",
     version="0.1.0",
-    description="BLIP-2-style vision-language chat models (VisualGLM-6B, MiniGPT-4, MiniGPT4Qwen) on MindSpore",
+    description="Vision-language chat models (VisualGLM-6B, MiniGPT-4, MiniGPT4Qwen, CogVLM) on MindSpore",
     package_dir={"": "research"},
     packages=find_packages(where="research"),
     package_data={"visual_mllm": ["assets/*", "assets/**/*", "cpu_kernels/*.cc", "cpu_kernels/*.inc",
