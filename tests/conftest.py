@@ -49,6 +49,21 @@ def case_params(*parts):
         return [pytest.param(case, id=case["name"]) for case in json.load(cases_file)["cases"]]
 
 
+def steps_where_margins_allow(name, got, expected, margins, error, label):
+    """Greedy step indices checked: `got` equals `expected` at each step up to the first whose reference top1-top2
+    margin is not above twice the measured logit `error` (a rounding may flip that step; nothing after it is
+    comparable). Prints what was checked."""
+    steps = []
+    for step, (want, margin) in enumerate(zip(expected, margins)):
+        if margin <= 2 * error:
+            break
+        assert got[step] == want, (f"{name} step {step}: {got[step]} != {want} although the margin {margin:.3g} "
+                                   f"> 2 x the measured {label} logit error {error:.3g}")
+        steps.append(step)
+    print(f"{name}: {label} logit error {error:.2e}; checked steps {steps}")
+    return steps
+
+
 def load_json(*parts):
     with open(fixture_path(*parts), encoding="utf-8") as f:
         return json.load(f)

@@ -11,7 +11,7 @@ port measures 1.3e-4. Greedy tokens must be identical (every step's top-1 - top-
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, fixture_path, load_json
+from conftest import REPO_ROOT, fixture_path, load_json, steps_where_margins_allow
 
 FIXTURE = "cogvlm"
 SEQ_LENGTH = 128  # the longest recorded prompt (95) + 16 new tokens, rounded up
@@ -208,14 +208,6 @@ def test_int8_weights_give_the_reference_tokens_where_margins_allow(converted_co
     config = GenerationConfig(max_new_tokens=16, eos_token_id=quantized.config.llm_config.eos_token_id)
     checked = 0
     for (sample, turn), result in zip(turns, answer(quantized, processor, requests, config)):
-        steps = []
-        for step, (want, margin) in enumerate(zip(turn["generated_ids"], turn["margins"])):
-            if margin <= 2 * error:
-                break
-            assert result.generated_ids[step] == want, (
-                f"{sample['name']} step {step}: {result.generated_ids[step]} != {want} although the margin "
-                f"{margin:.3g} > 2 x the measured int8 logit error {error:.3g}")
-            steps.append(step)
-        checked += len(steps)
-        print(f"{sample['name']}: int8 logit error {error:.2e}; checked steps {steps}")
+        checked += len(steps_where_margins_allow(sample["name"], result.generated_ids, turn["generated_ids"],
+                                                 turn["margins"], error, "int8"))
     assert checked, "no greedy step had a margin above twice the int8 logit error"

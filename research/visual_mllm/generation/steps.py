@@ -24,6 +24,9 @@ def execution_mode(mode):
     """Run the block in MindSpore's `mode` (GRAPH_MODE / PYNATIVE_MODE), then restore the context's mode.
     Graphs compiled before stay compiled: switching costs nothing but the block's own execution."""
     before = ms.get_context("mode")
+    if before == mode:  # the usual case (graph in graph mode): no context change on the per-call path
+        yield
+        return
     ms.set_context(mode=mode)
     try:
         yield
